@@ -1,0 +1,3 @@
+"""postkeep: a mail server that gets connection security right by default."""
+
+__version__ = "0.1.0"

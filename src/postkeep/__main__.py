@@ -1,0 +1,3 @@
+from postkeep.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,292 @@
+"""The composition root: configuration → store → services → listeners; signals; shutdown.
+
+Invariants:
+- Everything is built here and passed in; no module keeps global state.
+- Listeners are bound before anything is served, so a port conflict fails start-up
+  with a clear error instead of half a server.
+- SIGTERM: stop accepting, let in-flight transactions finish (bounded by
+  ``limits.shutdown_grace``), interrupt idle sessions with a 421/BYE, close the store last.
+- SIGHUP reloads the certificate; a broken new pair leaves the old one in service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Callable
+
+from postkeep import __version__, log
+from postkeep.auth.service import Authenticator
+from postkeep.auth.throttle import Throttle
+from postkeep.config.schema import SERVICE_PORTS, Config, Mode, Service
+from postkeep.hints import IMPLICIT_HINTS, Ports, pop3_stls_first, smtp_starttls_first
+from postkeep.imap import server as imap_server
+from postkeep.imap.protocol import ImapServer
+from postkeep.imap.protocol import Limits as ImapLimits
+from postkeep.imap.responses import bye as imap_bye
+from postkeep.imap.responses import encode_bytes as imap_encode
+from postkeep.imap.selected import RecentClaims
+from postkeep.imap.session import ImapSession
+from postkeep.ingest import Ingest
+from postkeep.net.listener import (
+    ConnectionLimits,
+    ConnectionTracker,
+    ConnInfo,
+    Handler,
+    Listener,
+)
+from postkeep.net.stream import Stream
+from postkeep.pop3 import replies as pop3_replies
+from postkeep.pop3 import server as pop3_server
+from postkeep.pop3.protocol import Limits as Pop3Limits
+from postkeep.pop3.protocol import Pop3Server
+from postkeep.pop3.session import Pop3Session
+from postkeep.smtp import replies as smtp_replies
+from postkeep.smtp.mx import MxSession
+from postkeep.smtp.protocol import Limits as SmtpLimits
+from postkeep.smtp.protocol import Role, SmtpServer
+from postkeep.smtp.server import serve as serve_smtp
+from postkeep.smtp.session import SmtpSession
+from postkeep.smtp.submission import SubmissionSession
+from postkeep.store import make_store
+from postkeep.store.api import Store
+from postkeep.tls.policy import TlsContext, TlsPolicy
+
+logger = log.get_logger("app")
+
+SMTP_SERVICES = (Service.SMTP, Service.SUBMISSION, Service.SUBMISSIONS)
+
+
+class App:
+    def __init__(self, config: Config, *, store: Store | None = None) -> None:
+        self.config = config
+        self.store = store if store is not None else make_store(config)
+        self.tls = TlsPolicy(config.tls)
+        limits = config.auth
+        self.throttle = Throttle(
+            failures_before_delay=limits.failures_before_delay,
+            max_delay=limits.max_delay,
+            failures_before_lockout=limits.failures_before_lockout,
+            lockout_seconds=limits.lockout_seconds,
+        )
+        self.auth = Authenticator(self.store, self.throttle)
+        self.ingest = Ingest(self.store, config.hostname)
+        self.imap_recent = RecentClaims()  # \Recent is per process (imap/selected.py)
+        self.tracker = ConnectionTracker(
+            ConnectionLimits(
+                total=config.limits.connections_total, per_ip=config.limits.connections_per_ip
+            )
+        )
+        self.listeners: list[Listener] = []
+        self.ports = Ports({})
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- start ------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.config.tls.legacy_clients:
+            logger.warning("tls.legacy_clients_enabled", extra={"versions": "TLSv1 TLSv1.1"})
+        for service in Service:
+            if service is Service.HTTP:
+                continue  # the web endpoints come with the probe/autoconfig work
+            handler = self._handler_for(service)
+            if handler is None:
+                continue
+            _, mode = SERVICE_PORTS[service]
+            for address in self.config.enabled(service):
+                listener = Listener(
+                    service=service,
+                    mode=mode,
+                    address=address,
+                    handler=handler,
+                    tracker=self.tracker,
+                    tls=self._context_for(service),
+                    hint_timeout=self.config.security.implicit_tls_hint_timeout,
+                )
+                listener.bind()
+                self.listeners.append(listener)
+        ports: dict[Service, int] = {}
+        for listener in self.listeners:
+            ports.setdefault(listener.service, listener.port)
+        self.ports = Ports(ports)
+        for listener in self.listeners:
+            hint = IMPLICIT_HINTS.get(listener.service)
+            if hint is not None:
+                listener.plaintext_hint = hint(self.ports)
+        await self.store.open()
+        for listener in self.listeners:
+            listener.start()
+        self._tasks.append(asyncio.get_running_loop().create_task(self.tls.watch()))
+        logger.info("server.started", extra={"hostname": self.config.hostname})
+
+    def _context_for(self, service: Service) -> Callable[[], TlsContext]:
+        return lambda: self.tls.server_context(service)
+
+    def _handler_for(self, service: Service) -> Handler | None:
+        if service in SMTP_SERVICES:
+            return self._serve_smtp
+        if service in (Service.POP3, Service.POP3S):
+            return self._serve_pop3
+        if service in (Service.IMAP, Service.IMAPS):
+            return self._serve_imap
+        return None
+
+    # -- SMTP -------------------------------------------------------------------------
+    async def _serve_smtp(self, stream: Stream, info: ConnInfo) -> None:
+        if info.over_limit:
+            stream.write(smtp_replies.TOO_BUSY.render())
+            await stream.drain()
+            return
+        lim = self.config.limits
+        role = Role.MX if info.service is Service.SMTP else Role.SUBMISSION
+        core = SmtpServer(
+            role=role,
+            limits=SmtpLimits(
+                line_length=lim.line_length,
+                message_size=lim.message_size,
+                recipients=lim.recipients,
+                errors=lim.errors_per_session,
+                commands=lim.commands_per_session,
+            ),
+            hostname=self.config.hostname,
+            tls_active=stream.tls_active,
+            tls_offered=info.mode is Mode.STARTTLS,
+            require_tls=info.service is Service.SUBMISSION,
+            starttls_hint=smtp_starttls_first(self.ports),
+        )
+        session: SmtpSession
+        if role is Role.MX:
+            session = MxSession(core=core, info=info, stream=stream, ingest=self.ingest)
+        else:
+            session = SubmissionSession(
+                core=core, info=info, stream=stream, ingest=self.ingest, auth=self.auth
+            )
+        await serve_smtp(
+            stream,
+            core,
+            session,
+            tls_context=self._context_for(info.service),
+            idle_timeout=lim.idle_timeout,
+            data_timeout=lim.data_timeout,
+        )
+
+    # -- POP3 -------------------------------------------------------------------------
+    async def _serve_pop3(self, stream: Stream, info: ConnInfo) -> None:
+        if info.over_limit:
+            stream.write(pop3_replies.TOO_BUSY.render())
+            await stream.drain()
+            return
+        lim = self.config.limits
+        core = Pop3Server(
+            limits=Pop3Limits(
+                line_length=max(lim.line_length, 255),  # RFC 2449 §4: at least 255
+                errors=lim.errors_per_session,
+                commands=lim.commands_per_session,
+            ),
+            tls_active=stream.tls_active,
+            tls_offered=info.mode is Mode.STARTTLS,
+            require_tls=True,  # RFC 8314 §3, DESIGN.md §1: no password before TLS
+            implementation=f"postkeep {__version__}",
+            starttls_hint=pop3_stls_first(self.ports),
+        )
+        session = Pop3Session(
+            core=core,
+            info=info,
+            store=self.store,
+            auth=self.auth,
+            holder=f"{self.config.hostname}/{os.getpid()}/{info.cid}",
+        )
+        await pop3_server.serve(
+            stream,
+            core,
+            session,
+            tls_context=self._context_for(info.service),
+            # RFC 1939 §3: at least 10 minutes, even if SMTP's idle_timeout is shorter.
+            idle_timeout=max(pop3_server.IDLE_TIMEOUT, lim.idle_timeout),
+            greeting=f"{self.config.hostname} POP3 server ready",
+        )
+
+    # -- IMAP -------------------------------------------------------------------------
+    async def _serve_imap(self, stream: Stream, info: ConnInfo) -> None:
+        if info.over_limit:
+            stream.write(imap_encode(imap_bye("Too many connections, please try again later")))
+            await stream.drain()
+            return
+        core = ImapServer(
+            # APPENDLIMIT (RFC 7889) is the message size; an IMAP number is 32-bit.
+            limits=ImapLimits(max_literal=min(self.config.limits.message_size, 2**32 - 1)),
+            tls_active=stream.tls_active,
+            tls_offered=info.mode is Mode.STARTTLS,
+            require_tls=True,  # RFC 8314 §3, DESIGN.md §1: LOGINDISABLED until TLS
+            starttls_hint=_imap_starttls_first(self.ports),
+        )
+        session = ImapSession(
+            core=core,
+            info=info,
+            store=self.store,
+            ingest=self.ingest,
+            auth=self.auth,
+            recent=self.imap_recent,
+        )
+        await imap_server.serve(
+            stream,
+            core,
+            session,
+            self.store,
+            tls_context=self._context_for(info.service),
+            preauth_timeout=self.config.limits.idle_timeout,
+        )
+
+    # -- run and stop -----------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.tls.reload)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        await self._stop.wait()
+        await self.stop()
+
+    async def stop(self) -> None:
+        logger.info("server.stopping")
+        for listener in self.listeners:
+            await listener.stop_accepting()
+        for stream in list(self.tracker.streams):
+            stream.interrupt_idle()
+        pending = set(self.tracker.tasks)
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=self.config.limits.shutdown_grace)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=2.0)
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.store.close()
+        stats = self.store.stats
+        logger.info(
+            "server.stopped",
+            extra={"write_transactions": stats.write_transactions, "commits": stats.commits},
+        )
+
+
+def _imap_starttls_first(ports: Ports) -> str:
+    """Text of the ``NO [PRIVACYREQUIRED]`` for LOGIN/AUTHENTICATE before STARTTLS on 143."""
+    p993 = ports.of(Service.IMAPS)
+    alt = f", or SSL/TLS on port {p993}" if p993 is not None else ""
+    return f"Use STARTTLS first{alt}: passwords are never sent unencrypted"
+
+
+async def serve_forever(config: Config) -> None:
+    app = App(config)
+    await app.start()
+    app.install_signal_handlers()
+    await app.run()

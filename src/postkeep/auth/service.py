@@ -1,0 +1,58 @@
+"""Login verification shared by SMTP submission, IMAP and POP3.
+
+Invariants:
+- The answer never reveals whether an account exists: unknown accounts are verified
+  against a dummy hash, and throttling counts them like real ones.
+- Passwords are compared only by argon2 (constant time), in a worker thread.
+- No password or SASL payload is logged; only the user name and the outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from enum import Enum
+
+from postkeep import log
+from postkeep.auth.passwords import verify_or_dummy
+from postkeep.auth.throttle import Throttle
+from postkeep.store.api import Store
+
+logger = log.get_logger("auth")
+
+
+class Outcome(Enum):
+    OK = "ok"
+    FAILED = "failed"
+    THROTTLED = "throttled"  # too many failures: refused without checking the password
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    outcome: Outcome
+    address: str | None = None  # the account, when OK
+
+
+class Authenticator:
+    def __init__(self, store: Store, throttle: Throttle) -> None:
+        self._store = store
+        self._throttle = throttle
+
+    async def login(self, username: str, password: str, peer_ip: str) -> LoginResult:
+        user = username.strip().lower()
+        verdict = self._throttle.check(peer_ip, user)
+        if not verdict.allowed:
+            logger.info("auth.throttled", extra={"user": user})
+            return LoginResult(Outcome.THROTTLED)
+        if verdict.delay > 0:
+            await asyncio.sleep(verdict.delay)
+        async with self._store.read() as tx:
+            account = await tx.get_account(user)
+        ok = await verify_or_dummy(account.password_hash if account else None, password)
+        if ok and account is not None:
+            self._throttle.success(peer_ip, user)
+            logger.info("auth.login.ok", extra={"user": user})
+            return LoginResult(Outcome.OK, account.address)
+        self._throttle.failure(peer_ip, user)
+        logger.info("auth.login.failed", extra={"user": user})
+        return LoginResult(Outcome.FAILED)

@@ -1,0 +1,134 @@
+"""The configuration, as frozen dataclasses. ``load.py`` fills them from TOML.
+
+Each field documents the TOML key it comes from. Defaults are the secure ones.
+
+Invariants:
+- A ``Config`` is valid: ``load.py`` refuses (exit 2, naming file and key) anything that
+  would give an insecure or impossible setup.
+- TLS versions are kept as the names used in the file ("TLSv1", "TLSv1.1", "TLSv1.2",
+  "TLSv1.3"); only ``tls/policy.py`` turns them into ``ssl`` objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+
+class Service(str, Enum):  # noqa: UP042 (kept: StrEnum changes str(); lead to decide)
+    """The listeners postkeep runs. The value is the TOML key under ``[listeners]``."""
+
+    SMTP = "smtp"
+    SUBMISSION = "submission"
+    SUBMISSIONS = "submissions"
+    IMAP = "imap"
+    IMAPS = "imaps"
+    POP3 = "pop3"
+    POP3S = "pop3s"
+    HTTP = "http"
+
+
+class Mode(str, Enum):  # noqa: UP042
+    """How a listener starts a connection."""
+
+    IMPLICIT = "implicit"  # TLS from the first byte (465, 993, 995)
+    STARTTLS = "starttls"  # plaintext greeting, upgrade offered (25) or required (587, 143, 110)
+    PLAIN = "plain"  # no TLS at all (http behind a proxy)
+
+
+#: Standard port and security mode of each service (DESIGN.md §1).
+SERVICE_PORTS: dict[Service, tuple[int, Mode]] = {
+    Service.SMTP: (25, Mode.STARTTLS),
+    Service.SUBMISSION: (587, Mode.STARTTLS),
+    Service.SUBMISSIONS: (465, Mode.IMPLICIT),
+    Service.IMAP: (143, Mode.STARTTLS),
+    Service.IMAPS: (993, Mode.IMPLICIT),
+    Service.POP3: (110, Mode.STARTTLS),
+    Service.POP3S: (995, Mode.IMPLICIT),
+    Service.HTTP: (8080, Mode.PLAIN),
+}
+
+#: Offset that ``postkeep init --dev-ports`` and ``make run`` add to every standard port.
+DEV_PORT_OFFSET = 10000
+
+TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str  # "0.0.0.0", "127.0.0.1", "::" ...
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: Path  # [tls] cert: PEM certificate chain
+    key: Path  # [tls] key: PEM private key
+    min_version: str = "TLSv1.2"  # [tls] min_version: submission and access ports
+    # [tls] legacy_clients: also TLS 1.0/1.1 on those ports (RFC 8996 deprecates them). The
+    # floor there becomes TLS 1.0, or min_version when that is "TLSv1.1"; min_version below
+    # TLSv1.2 without it, or "TLSv1.3" with it, is refused (tls.policy.access_floor).
+    legacy_clients: bool = False
+    # [tls] mx_min_version: port 25 only. MX STARTTLS is opportunistic (RFC 7435): refusing
+    # an old sender's TLS 1.0 makes it send in plaintext instead, so the floor is lower.
+    mx_min_version: str = "TLSv1"
+    reload_interval: float = 30.0  # [tls] reload_interval: seconds between file checks
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    plaintext_access: bool = True  # false: imap (143) and pop3 (110) are not opened at all
+    implicit_tls_hint_timeout: float = 5.0  # silence on 465/993/995 before the hint line
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    message_size: int = 52_428_800
+    recipients: int = 100
+    line_length: int = 4096  # longest command line accepted (RFC 5321 §4.5.3.1.4 is 512)
+    errors_per_session: int = 10
+    commands_per_session: int = 10_000
+    connections_total: int = 1000
+    connections_per_ip: int = 100
+    idle_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: server timeout 5 minutes
+    data_timeout: float = 600.0  # whole DATA/BDAT transfer
+    shutdown_grace: float = 10.0  # seconds in-flight sessions get on SIGTERM
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    backend: str = "sqlite"  # "sqlite" or "postgresql"
+    dsn: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    # Throttling of failed logins (auth/throttle.py).
+    failures_before_delay: int = 3
+    max_delay: float = 5.0
+    failures_before_lockout: int = 10
+    lockout_seconds: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path  # the file this was loaded from (error messages, relative paths)
+    hostname: str
+    data_dir: Path
+    tls: TlsConfig
+    listeners: dict[Service, tuple[Address, ...]] = field(default_factory=dict)
+    security: SecurityConfig = SecurityConfig()
+    limits: LimitsConfig = LimitsConfig()
+    storage: StorageConfig = StorageConfig()
+    auth: AuthConfig = AuthConfig()
+    log_level: str = "info"  # top-level log_level: "trace", "debug", "info", "warning"
+
+    def enabled(self, service: Service) -> tuple[Address, ...]:
+        """Addresses a service listens on; empty when it is switched off."""
+        if not self.security.plaintext_access and service in (Service.IMAP, Service.POP3):
+            return ()
+        return self.listeners.get(service, ())

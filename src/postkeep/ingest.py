@@ -1,0 +1,250 @@
+"""The single path by which a message enters postkeep.
+
+Every accepted message — from port 25, 587 or 465, and later from DSNs — comes through
+``Ingest.accept``: trace and submission headers are added, the bytes are stored once, the
+copy for each local recipient is appended to its INBOX and the remote recipients are put on
+the outbound queue, all in one write transaction.
+
+Invariants:
+- ``accept`` returns only after the transaction that holds the message has committed:
+  the SMTP 250 is sent after that, never before (RFC 5321 §6.1).
+- The client's bytes are stored exactly; postkeep only prepends header fields.
+- Recipient resolution (accounts, aliases, catch-alls) lives here and nowhere else, and
+  expands aliases to a bounded depth (no alias loop can hang a delivery).
+- A message reaches each account at most once, however many aliases lead there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+from typing import BinaryIO, cast
+
+from postkeep import log
+from postkeep.mail import address as addr
+from postkeep.mail import mime
+from postkeep.mail.headers import missing_submission_headers, split_header
+from postkeep.mail.received import received_header
+from postkeep.store.api import (
+    MailboxId,
+    ReadTx,
+    StorageError,
+    StorageErrorKind,
+    Store,
+    Uid,
+)
+
+logger = log.get_logger("ingest")
+
+ALIAS_DEPTH = 10
+MAX_EXPANSION = 1000
+HEADER_PEEK = 64 * 1024  # how much of the message we read to find its header block
+
+
+class Disposition(Enum):
+    LOCAL = "local"  # delivered to these accounts' INBOXes
+    REMOTE = "remote"  # not a local domain: the outbound queue
+    UNKNOWN = "unknown"  # a local domain, but no such account or alias
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    disposition: Disposition
+    accounts: tuple[str, ...] = ()  # local accounts that receive a copy
+    remote: tuple[str, ...] = ()  # remote addresses (forwarding aliases, or the address)
+
+
+@dataclass(slots=True)
+class Envelope:
+    sender: str
+    helo: str
+    peer_ip: str
+    tls: str | None  # "TLSv1.3 TLS_AES_256_GCM_SHA384 (256 bits)"
+    authenticated: bool
+    esmtp: bool = True
+    smtputf8: bool = False
+    submission: bool = False  # add Message-ID/Date where missing (RFC 6409 §8)
+    recipients: list[tuple[str, Resolution]] = field(default_factory=list)
+
+
+def new_queue_id() -> str:
+    return secrets.token_hex(8).upper()
+
+
+class Ingest:
+    def __init__(self, store: Store, hostname: str) -> None:
+        self.store = store
+        self.hostname = hostname
+
+    async def is_local_domain(self, domain: str) -> bool:
+        async with self.store.read() as tx:
+            return await tx.domain_exists(domain.lower())
+
+    async def resolve(self, recipient: str) -> Resolution:
+        async with self.store.read() as tx:
+            return await _resolve(tx, recipient)
+
+    async def accept(self, env: Envelope, body: BinaryIO, size: int) -> str:
+        """Store the message for every recipient; returns the queue id once durable."""
+        queue_id = new_queue_id()
+        now = datetime.now(UTC)
+        body.seek(0)
+        head = body.read(HEADER_PEEK)
+        body.seek(0)
+        header_block, _ = split_header(head)
+        prefix = received_header(
+            helo=env.helo,
+            peer_ip=env.peer_ip,
+            peer_host=None,
+            by_host=self.hostname,
+            protocol=_with_keyword(env),
+            tls=env.tls,
+            authenticated=env.authenticated,
+            queue_id=queue_id,
+            recipient=env.recipients[0][0] if len(env.recipients) == 1 else None,
+            when=now,
+        )
+        if env.submission:
+            prefix += missing_submission_headers(header_block, self.hostname, now)
+        accounts: list[str] = []
+        remote: list[str] = []
+        for _, res in env.recipients:
+            accounts.extend(a for a in res.accounts if a not in accounts)
+            remote.extend(r for r in res.remote if r not in remote)
+        envelope = structure = None
+        if accounts:  # only mailboxes need the IMAP analysis; the queue does not
+            envelope, structure = await _analyze(cast(BinaryIO, _Prefixed(prefix, body)))
+            body.seek(0)
+        # _Prefixed only reads forwards; put_blob needs nothing else when it is given the size.
+        data = cast(BinaryIO, _Prefixed(prefix, body))
+        async with self.store.write() as tx:
+            blob = await tx.put_blob(data, len(prefix) + size)
+            for account_address in accounts:
+                account = await tx.get_account(account_address)
+                if account is None:  # deleted since RCPT: deliver to the others
+                    continue
+                inbox = await tx.mailbox(account.id, "INBOX")
+                if inbox is not None:
+                    await tx.append(inbox.id, blob, when=now, envelope=envelope,
+                                    bodystructure=structure)
+            if remote:
+                await tx.enqueue(env.sender, remote, blob)
+        logger.info(
+            "ingest.accepted",
+            extra={"queue_id": queue_id, "size": len(prefix) + size,
+                   "local": len(accounts), "remote": len(remote)},
+        )
+        return queue_id
+
+
+    async def append(
+        self,
+        mailbox_id: MailboxId,
+        body: BinaryIO,
+        size: int,
+        flags: frozenset[str] = frozenset(),
+        when: datetime | None = None,
+    ) -> tuple[Uid, int]:
+        """IMAP APPEND: store the client's bytes exactly, with the analysis IMAP needs.
+
+        Returns (uid, uidvalidity) once the message is durable (RFC 4315 APPENDUID).
+        Raises StorageError(NOT_FOUND) if the mailbox vanished meanwhile.
+        """
+        body.seek(0)
+        envelope, structure = await _analyze(body)
+        body.seek(0)
+        async with self.store.write() as tx:
+            mailbox = await tx.mailbox_by_id(mailbox_id)
+            if mailbox is None:
+                raise StorageError(StorageErrorKind.NOT_FOUND, "mailbox does not exist")
+            blob = await tx.put_blob(body, size)
+            uid = await tx.append(mailbox_id, blob, flags, when, envelope=envelope,
+                                  bodystructure=structure)
+        return uid, mailbox.uidvalidity
+
+
+async def _analyze(source: BinaryIO) -> tuple[str, str]:
+    """ENVELOPE and BODYSTRUCTURE, computed once here so that FETCH never parses MIME.
+
+    The ``envelope`` column holds the ENVELOPE as JSON; the ``bodystructure`` column holds
+    the whole ``mime.Analysis`` (BODY, BODYSTRUCTURE and part offsets for BODY[n]).
+    """
+    data = source.read()
+    assert data is not None
+    analysis = await asyncio.to_thread(mime.analyze, data)
+    return json.dumps(analysis.envelope, separators=(",", ":")), analysis.to_json()
+
+
+async def _resolve(tx: ReadTx, recipient: str) -> Resolution:
+    local_part, domain = addr.split_address(recipient)
+    domain = domain.lower()
+    if not await tx.domain_exists(domain):
+        return Resolution(Disposition.REMOTE, remote=(recipient,))
+    accounts: list[str] = []
+    remote: list[str] = []
+    seen: set[str] = set()
+    frontier: list[str] = [f"{local_part}@{domain}".lower()]
+    for _ in range(ALIAS_DEPTH):
+        following: list[str] = []
+        for current in frontier:
+            if current in seen or len(seen) >= MAX_EXPANSION:
+                continue
+            seen.add(current)
+            _, cur_domain = addr.split_address(current)
+            if not await tx.domain_exists(cur_domain):
+                remote.append(current)
+                continue
+            if await tx.get_account(current) is not None:
+                accounts.append(current)
+                continue  # an account shadows an alias of the same name
+            targets = await tx.alias_targets(current)
+            if not targets:
+                targets = await tx.alias_targets("@" + cur_domain)  # the catch-all
+            following.extend(t.lower() for t in targets)
+        frontier = following
+        if not frontier:
+            break
+    if not accounts and not remote:
+        return Resolution(Disposition.UNKNOWN)
+    return Resolution(Disposition.LOCAL, accounts=tuple(accounts), remote=tuple(remote))
+
+
+def _with_keyword(env: Envelope) -> str:
+    """RFC 3848 / RFC 6531 §4.3: the WITH protocol of the Received field."""
+    if not env.esmtp:
+        return "SMTP"
+    word = "UTF8SMTP" if env.smtputf8 else "ESMTP"
+    if env.tls:
+        word += "S"
+    if env.authenticated:
+        word += "A"
+    return word
+
+
+class _Prefixed(io.RawIOBase):
+    """Reads ``prefix`` and then ``body``, so the store streams both without a copy."""
+
+    def __init__(self, prefix: bytes, body: BinaryIO) -> None:
+        self._prefix = prefix
+        self._pos = 0
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Sequence[int] | memoryview | bytearray) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")  # type: ignore[arg-type]
+        if self._pos < len(self._prefix):
+            part = self._prefix[self._pos : self._pos + len(view)]
+            self._pos += len(part)
+            view[: len(part)] = part
+            return len(part)
+        chunk = self._body.read(len(view))
+        view[: len(chunk)] = chunk
+        return len(chunk)

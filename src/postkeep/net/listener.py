@@ -1,0 +1,289 @@
+"""Listeners: bind one service to one address in one security mode, accept, hand off.
+
+We run our own accept loop instead of ``loop.create_server(ssl=…)`` so that, before any
+TLS layer exists, we can look at (peek, never consume) a new connection's first bytes. On
+an implicit-TLS port a client that speaks plaintext first, or waits for a greeting that
+never comes, gets one plaintext line naming the right setting, instead of a handshake
+error its user cannot read.
+
+Invariants:
+- Connection limits (in total and per client IP) are counted here, for every service.
+- The handler runs with ``cid``, ``service`` and ``peer`` bound in the logging context.
+- Only this module and ``stream.py`` touch sockets; TLS contexts come from ``tls.policy``
+  per connection, so a reloaded certificate serves the next connection.
+- Every connection, however it ends, releases its slot and closes its socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from postkeep import log
+from postkeep.config.schema import Address, Mode, Service
+from postkeep.net.stream import Stream
+from postkeep.tls.policy import TlsContext
+
+logger = log.get_logger("net")
+
+TLS_HANDSHAKE_RECORD = 0x16  # RFC 8446 §5.1: ContentType handshake(22)
+HANDSHAKE_TIMEOUT = 30.0
+#: Above the configured limits by this factor, connections are dropped without a reply.
+HARD_LIMIT_FACTOR = 2
+
+
+@dataclass(slots=True)
+class ConnInfo:
+    service: Service
+    mode: Mode
+    peer_ip: str
+    peer_port: int
+    cid: str
+    over_limit: bool = False  # the handler must refuse politely (421 / BYE / -ERR) and close
+    started: float = field(default_factory=time.monotonic)
+
+
+Handler = Callable[[Stream, ConnInfo], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class ConnectionLimits:
+    total: int = 1000
+    per_ip: int = 100
+
+
+class ConnectionTracker:
+    """Counts open connections across all listeners and finds them again at shutdown."""
+
+    def __init__(self, limits: ConnectionLimits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.per_ip: dict[str, int] = {}
+        self.streams: set[Stream] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def acquire(self, ip: str) -> tuple[bool, bool]:
+        """Take a slot. Returns (over_soft_limit, over_hard_limit)."""
+        self.total += 1
+        n = self.per_ip.get(ip, 0) + 1
+        self.per_ip[ip] = n
+        over = self.total > self.limits.total or n > self.limits.per_ip
+        hard = (
+            self.total > self.limits.total * HARD_LIMIT_FACTOR
+            or n > self.limits.per_ip * HARD_LIMIT_FACTOR
+        )
+        return over, hard
+
+    def release(self, ip: str) -> None:
+        self.total -= 1
+        n = self.per_ip.get(ip, 1) - 1
+        if n:
+            self.per_ip[ip] = n
+        else:
+            self.per_ip.pop(ip, None)
+
+
+class Listener:
+    def __init__(
+        self,
+        *,
+        service: Service,
+        mode: Mode,
+        address: Address,
+        handler: Handler,
+        tracker: ConnectionTracker,
+        tls: Callable[[], TlsContext] | None = None,
+        plaintext_hint: bytes = b"",
+        hint_timeout: float = 5.0,
+    ) -> None:
+        if mode is Mode.IMPLICIT and tls is None:
+            raise ValueError("an implicit-TLS listener needs a TLS context")
+        self.service = service
+        self.mode = mode
+        self.address = address
+        self._handler = handler
+        self._tracker = tracker
+        self._tls = tls
+        self.plaintext_hint = plaintext_hint
+        self._hint_timeout = hint_timeout
+        self._sock: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None
+        return int(self._sock.getsockname()[1])
+
+    def bind(self) -> None:
+        family = socket.AF_INET6 if ":" in self.address.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # "[::]" means IPv6 only; list "0.0.0.0" separately for IPv4.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((self.address.host, self.address.port))
+            sock.listen(512)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+
+    def start(self) -> None:
+        if self._sock is None:
+            self.bind()
+        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
+        logger.info(
+            "listener.started",
+            extra={"service": self.service.value, "mode": self.mode.value,
+                   "address": f"{self.address.host}:{self.port}"},
+        )
+
+    async def stop_accepting(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accept_task
+            self._accept_task = None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._sock is not None
+        while True:
+            try:
+                conn, addr = await loop.sock_accept(self._sock)
+            except OSError as exc:  # EMFILE and friends: back off, don't spin
+                logger.error("listener.accept_failed", extra={"error": str(exc)})
+                await asyncio.sleep(0.1)
+                continue
+            conn.setblocking(False)
+            # asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP, which an
+            # accepted socket of ours is not; without it, Nagle holds back the second of two
+            # pipelined replies until the client's delayed ACK (40 ms per round trip).
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(self._serve(conn, str(addr[0]), int(addr[1])))
+            self._tracker.tasks.add(task)
+            task.add_done_callback(self._tracker.tasks.discard)
+
+    async def _serve(self, conn: socket.socket, ip: str, port: int) -> None:
+        info = ConnInfo(self.service, self.mode, ip, port, secrets.token_hex(6))
+        log.bind(cid=info.cid, service=self.service.value, peer=ip)
+        over, hard = self._tracker.acquire(ip)
+        stream: Stream | None = None
+        try:
+            if hard:
+                logger.warning("conn.refused", extra={"reason": "connection limit"})
+                conn.close()
+                return
+            info.over_limit = over
+            if self.mode is Mode.IMPLICIT:
+                verdict = await self._sniff(conn, self._hint_timeout)
+                if verdict != "tls":
+                    if verdict != "eof":
+                        await self._send_hint_and_close(conn, verdict)
+                    else:
+                        conn.close()
+                    return
+            stream = await self._make_stream(conn)
+            if stream is None:
+                return
+            self._tracker.streams.add(stream)
+            tls = _describe(stream)
+            logger.info("conn.open", extra={"tls": tls} if tls else {})
+            await self._handler(stream, info)
+        except Exception:
+            logger.exception("conn.crashed")
+        finally:
+            self._tracker.release(ip)
+            if stream is not None:
+                self._tracker.streams.discard(stream)
+                stream.close()
+                await stream.wait_closed()
+            else:
+                conn.close()
+            logger.info(
+                "conn.close", extra={"duration": f"{time.monotonic() - info.started:.3f}"}
+            )
+
+    async def _make_stream(self, conn: socket.socket) -> Stream | None:
+        loop = asyncio.get_running_loop()
+        ctx = self._tls() if self.mode is Mode.IMPLICIT and self._tls is not None else None
+        try:
+            _, proto = await loop.connect_accepted_socket(
+                Stream,
+                conn,
+                ssl=ctx,
+                ssl_handshake_timeout=HANDSHAKE_TIMEOUT if ctx is not None else None,
+            )
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            logger.info("tls.handshake.failed", extra={"error": _ssl_reason(exc)})
+            conn.close()
+            return None
+        assert isinstance(proto, Stream)
+        return proto
+
+    async def _sniff(self, conn: socket.socket, timeout: float) -> str:
+        """Peek at the first byte: "tls", "plaintext", "silent" or "eof"."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        fd = conn.fileno()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, readable)
+        try:
+            await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            return "silent"
+        finally:
+            loop.remove_reader(fd)
+        try:
+            first = conn.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return "eof"
+        if not first:
+            return "eof"
+        return "tls" if first[0] == TLS_HANDSHAKE_RECORD else "plaintext"
+
+    async def _send_hint_and_close(self, conn: socket.socket, why: str) -> None:
+        loop = asyncio.get_running_loop()
+        logger.info("conn.plaintext_on_tls_port", extra={"client": why})
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(loop.sock_sendall(conn, self.plaintext_hint), 2.0)
+            # Half-close, then read what the client had sent, so that our close does not
+            # become a reset that destroys the hint before the client reads it.
+            conn.shutdown(socket.SHUT_WR)
+            deadline = loop.time() + 1.0
+            received = 0
+            while received < 65536 and loop.time() < deadline:
+                chunk = await asyncio.wait_for(loop.sock_recv(conn, 4096), deadline - loop.time())
+                if not chunk:
+                    break
+                received += len(chunk)
+        conn.close()
+
+
+def _describe(stream: Stream) -> str:
+    obj = stream.ssl_object
+    if obj is None:
+        return ""
+    cipher = obj.cipher()
+    return f"{obj.version()} {cipher[0] if cipher else ''}".strip()
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLError) and exc.reason:
+        return str(exc.reason)
+    return type(exc).__name__

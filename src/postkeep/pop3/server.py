@@ -1,0 +1,119 @@
+"""The asyncio driver of the POP3 server: moves bytes between a ``Stream`` and the core.
+
+The core (``protocol.py``) decides what is legal; the session (``session.py``) decides
+policy and talks to the store; this module only reads, writes, upgrades to TLS, keeps
+time and makes sure the session is closed (its maildrop lock released) however the
+connection ends.
+
+Invariants:
+
+- Replies go out in order; output is flushed when the core needs more data (RFC 2449
+  §6.6 PIPELINING), and after every reply that carries a message (RETR, TOP) the driver
+  awaits ``drain()``, so a slow client holds at most one message in our buffers.
+- STLS is the four steps of STYLE.md, in order: stop reading, send ``+OK``, drop unread
+  plaintext (core and stream), handshake (RFC 2595 §4). Nothing read before the
+  handshake is parsed.
+- A connection that ends without a QUIT in TRANSACTION (EOF, idle timeout after
+  :data:`IDLE_TIMEOUT`, shutdown, handshake failure, crash) never reaches UPDATE, so
+  nothing is deleted (RFC 1939 §6); ``session.close()`` runs in every case.
+- Only this function catches everything: an unexpected exception becomes a generic
+  ``-ERR [SYS/TEMP]`` (never exception text on the wire) and the connection closes.
+- No TRACE line holds a password, an AUTH payload or message content: only byte counts.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Final
+
+from postkeep import log
+from postkeep.net.stream import ShuttingDown, Stream
+from postkeep.pop3 import replies
+from postkeep.pop3.protocol import NEED_DATA, ConnectionClosed, Pop3Server, ProtocolError, Stls
+from postkeep.pop3.session import Pop3Session
+from postkeep.tls.policy import TlsContext
+
+logger = log.get_logger("pop3")
+
+#: RFC 1939 §3: "an inactivity autologout timer ... MUST be of at least 10 minutes".
+IDLE_TIMEOUT: Final = 600.0
+
+
+async def serve(
+    stream: Stream,
+    core: Pop3Server,
+    session: Pop3Session,
+    *,
+    tls_context: Callable[[], TlsContext] | None,
+    idle_timeout: float = IDLE_TIMEOUT,
+    greeting: str = "postkeep ready",
+) -> None:
+    try:
+        stream.write(core.greet(greeting))
+        while True:
+            try:
+                event = core.next_event()
+            except ProtocolError as exc:
+                stream.write(core.send(exc.hint))
+                if exc.hint.closes:
+                    logger.info("pop3.closed_by_error", extra={"reply": exc.hint.text})
+                    break
+                continue
+            if event is NEED_DATA:
+                await stream.drain()
+                try:
+                    data = await stream.read(idle_timeout, idle=True)
+                except TimeoutError:
+                    logger.info("pop3.timeout", extra={"state": core.state.name})
+                    stream.write(replies.TIMEOUT.render())
+                    break
+                except ShuttingDown:
+                    stream.write(replies.SHUTTING_DOWN.render())
+                    break
+                if data:
+                    logger.log(log.TRACE, "pop3.recv", extra={"bytes": len(data)})
+                core.receive_data(data)
+                continue
+            if isinstance(event, ConnectionClosed):
+                logger.info("pop3.client_disconnected", extra={"state": core.state.name})
+                break
+            if isinstance(event, Stls):
+                assert tls_context is not None, "the core offers STLS only with TLS"
+                if not await _upgrade(stream, core, tls_context()):
+                    break
+                continue
+            reply = await session.handle(event)
+            stream.write(core.send(reply))
+            if reply.body is not None:
+                await stream.drain()  # backpressure: one message at a time in our buffers
+            if reply.closes:
+                break
+    except Exception:
+        logger.exception("pop3.session.crashed")
+        stream.write(replies.TEMP_ERROR.render())
+    finally:
+        try:
+            await session.close()
+        except Exception:
+            logger.exception("pop3.session.close_failed")
+    await stream.drain()
+
+
+async def _upgrade(stream: Stream, core: Pop3Server, ctx: TlsContext) -> bool:
+    stream.pause_reading()  # 1. nothing more is read as plaintext
+    stream.write(core.send(replies.BEGIN_TLS))  # 2. "+OK Begin TLS negotiation"
+    dropped = core.start_tls() + stream.take_buffer()  # 3. RFC 2595 §4: discard, forget
+    if dropped:
+        logger.warning("pop3.stls.plaintext_dropped", extra={"bytes": len(dropped)})
+    try:
+        await stream.start_tls(ctx)  # 4. loop.start_tls(); it resumes reading itself
+    except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+        logger.info("tls.handshake.failed", extra={"error": type(exc).__name__})
+        return False
+    obj = stream.ssl_object
+    if obj is not None:
+        cipher = obj.cipher()
+        log.bind(tls=f"{obj.version()} {cipher[0] if cipher else ''}".strip())
+    logger.info("pop3.stls.ok")
+    return True

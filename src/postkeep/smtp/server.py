@@ -1,0 +1,140 @@
+"""The asyncio driver of the SMTP server: moves bytes between a ``Stream`` and the core.
+
+The core (``protocol.py``) decides what is legal; the session (``session.py``) decides
+policy; this module only reads, writes, upgrades to TLS and keeps time.
+
+Invariants:
+- Replies go out in order; output is flushed when the core needs more data (RFC 2920).
+- STARTTLS is the four steps of STYLE.md, in order: stop reading, send 220, drop unread
+  plaintext (core and stream), handshake. Nothing read before the handshake is parsed.
+- Only this function catches everything: an unexpected exception becomes a generic
+  ``421 4.3.0`` (never exception text on the wire) and the connection closes.
+- A message is abandoned (never delivered) unless its DataEnd/BdatEnd got a 2xx reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+
+from postkeep import log
+from postkeep.net.stream import ShuttingDown, Stream
+from postkeep.smtp import replies
+from postkeep.smtp.protocol import (
+    NEED_DATA,
+    Bdat,
+    BdatEnd,
+    ConnectionClosed,
+    Data,
+    DataAbort,
+    DataChunk,
+    DataEnd,
+    ProtocolError,
+    SmtpServer,
+    StartTls,
+)
+from postkeep.smtp.session import SmtpSession
+from postkeep.tls.policy import TlsContext
+
+logger = log.get_logger("smtp")
+
+SHUTTING_DOWN = replies.reply(421, "4.3.2", "Server shutting down, please try again later")
+
+
+async def serve(
+    stream: Stream,
+    core: SmtpServer,
+    session: SmtpSession,
+    *,
+    tls_context: Callable[[], TlsContext] | None,
+    idle_timeout: float,
+    data_timeout: float,
+) -> None:
+    in_data = False
+    data_deadline = 0.0
+    loop = asyncio.get_running_loop()
+    try:
+        stream.write(core.greet())
+        while True:
+            try:
+                event = core.next_event()
+            except ProtocolError as exc:
+                stream.write(core.send(exc.hint))
+                if exc.hint.closes:
+                    logger.info("smtp.closed_by_error", extra={"code": exc.hint.code})
+                    break
+                continue
+            if event is NEED_DATA:
+                await stream.drain()
+                if in_data:
+                    timeout = max(0.0, min(idle_timeout, data_deadline - loop.time()))
+                else:
+                    timeout = idle_timeout
+                try:
+                    data = await stream.read(timeout, idle=not in_data)
+                except TimeoutError:
+                    logger.info("smtp.timeout", extra={"in_data": in_data})
+                    stream.write(replies.TIMEOUT.render())
+                    break
+                except ShuttingDown:
+                    stream.write(SHUTTING_DOWN.render())
+                    break
+                if data:
+                    logger.log(log.TRACE, "smtp.recv", extra={"bytes": len(data)})
+                core.receive_data(data)
+                continue
+            match event:
+                case DataChunk(data=chunk):
+                    session.data_chunk(chunk)
+                    continue
+                case ConnectionClosed():
+                    session.abandon()
+                    logger.info("smtp.client_disconnected", extra={"in_data": in_data})
+                    break
+                case StartTls():
+                    assert tls_context is not None, "the core offers STARTTLS only with TLS"
+                    if not await _upgrade(stream, core, tls_context()):
+                        break
+                    session.tls_started(stream)
+                    continue
+                case Data():
+                    reply = await session.handle(event)
+                    in_data = reply.code == 354
+                    data_deadline = loop.time() + data_timeout
+                case DataEnd() | BdatEnd() | DataAbort():
+                    reply = await session.handle(event)
+                    in_data = False
+                case Bdat():
+                    reply = await session.handle(event)
+                    in_data = True
+                    data_deadline = loop.time() + data_timeout
+                case _:
+                    reply = await session.handle(event)
+            stream.write(core.send(reply))
+            if reply.closes:
+                break
+    except Exception:
+        logger.exception("smtp.session.crashed")
+        session.abandon()
+        stream.write(replies.TEMP_ERROR.render())
+    await stream.drain()
+
+
+async def _upgrade(stream: Stream, core: SmtpServer, ctx: TlsContext) -> bool:
+    stream.pause_reading()  # 1. nothing more is read as plaintext
+    stream.write(core.send(replies.READY_FOR_TLS))  # 2. "220 2.0.0 Ready to start TLS"
+    dropped = core.start_tls() + stream.take_buffer()  # 3. RFC 3207 §4.2: discard, forget
+    if dropped:
+        logger.warning("smtp.starttls.plaintext_dropped", extra={"bytes": len(dropped)})
+    try:
+        await stream.start_tls(ctx)  # 4. loop.start_tls(); it resumes reading itself
+    except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+        logger.info("tls.handshake.failed", extra={"error": type(exc).__name__})
+        return False
+    obj = stream.ssl_object
+    if obj is not None:
+        cipher = obj.cipher()
+        log.bind(tls=f"{obj.version()} {cipher[0] if cipher else ''}".strip())
+    logger.info("smtp.starttls.ok")
+    return True

@@ -1,0 +1,17 @@
+"""The store: one interface (``api``), one backend per database."""
+
+from __future__ import annotations
+
+from postkeep.config.schema import Config
+from postkeep.store.api import Store
+
+SQLITE_FILE = "postkeep.sqlite3"
+
+
+def make_store(config: Config) -> Store:
+    """The configured backend, not yet opened (call ``await store.open()``)."""
+    if config.storage.backend == "sqlite":
+        from postkeep.store.sqlite import SqliteStore
+
+        return SqliteStore(config.data_dir / SQLITE_FILE)
+    raise NotImplementedError(f"storage backend {config.storage.backend!r} is not available yet")

@@ -1,0 +1,340 @@
+"""The one storage interface every protocol and service talks to.
+
+Mail-shaped, not key-value: domains, accounts, aliases, mailboxes, messages with UIDs and
+flags, message blobs, and the outbound table. Two backends implement it (SQLite now,
+PostgreSQL later); nothing above this module knows which one is in use.
+
+Invariants:
+- A write transaction is durable when ``async with store.write()`` exits without error:
+  the caller may acknowledge the data (SMTP 250, IMAP OK) only after that point.
+- UIDs in a mailbox strictly increase and are never reused; UIDVALIDITY never changes for
+  the life of a mailbox; every change to a message raises the mailbox's HIGHESTMODSEQ.
+- Message bytes are stored exactly as given.
+- Failures are reported as ``StorageError`` with one of a small set of kinds; protocol
+  layers map kinds to their own replies in one table each.
+- Addresses and domain names are stored lower-case (the local part of an address is
+  treated case-insensitively by postkeep, as almost every real server does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum, auto
+from typing import BinaryIO, Protocol
+
+MailboxId = int
+AccountId = int
+Uid = int
+QueueId = int
+
+#: The mailboxes every new account gets, with their RFC 6154 SPECIAL-USE attribute.
+DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
+    ("INBOX", None),
+    ("Sent", "\\Sent"),
+    ("Drafts", "\\Drafts"),
+    ("Trash", "\\Trash"),
+    ("Junk", "\\Junk"),
+)
+
+
+class StorageErrorKind(Enum):
+    """After Dovecot's mail_error: few kinds, each mapped to a reply by every protocol."""
+
+    NOT_FOUND = auto()
+    EXISTS = auto()
+    NO_QUOTA = auto()
+    PERM = auto()
+    EXPUNGED = auto()
+    IN_USE = auto()
+    LIMIT = auto()
+    TEMP = auto()
+
+
+class StorageError(Exception):
+    def __init__(self, kind: StorageErrorKind, detail: str = "") -> None:
+        super().__init__(f"{kind.name}: {detail}" if detail else kind.name)
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Domain:
+    name: str
+    created: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: AccountId
+    address: str
+    password_hash: str
+    created: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    """``source`` is a full address, or ``@domain`` for that domain's catch-all."""
+
+    source: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    id: MailboxId
+    account_id: AccountId
+    name: str
+    uidvalidity: int
+    uidnext: Uid
+    highestmodseq: int
+    special_use: str | None
+    subscribed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRef:
+    id: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    mailbox_id: MailboxId
+    uid: Uid
+    modseq: int
+    flags: frozenset[str]
+    internal_date: datetime
+    size: int
+    blob: BlobRef
+    envelope: str | None  # computed once at ingest (JSON), for IMAP FETCH ENVELOPE
+    bodystructure: str | None  # likewise for BODYSTRUCTURE
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundRow:
+    id: QueueId
+    sender: str  # "" for the null reverse-path
+    recipients: tuple[str, ...]
+    blob: BlobRef
+    created: datetime
+    next_attempt: datetime
+    attempts: int
+    last_error: str | None
+
+
+#: RFC 3501 §2.3.2 system flags, in their canonical spelling. The store compares these
+#: case-insensitively and stores this spelling (\SEEN becomes \Seen); every other flag
+#: (a keyword) is stored and compared exactly as given. \Recent is never stored: it is a
+#: property of a session (RFC 3501 §2.3.2), so ``append`` and ``set_flags`` drop it.
+SYSTEM_FLAGS: frozenset[str] = frozenset(
+    {"\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft"}
+)
+
+
+class FlagOp(Enum):
+    SET = auto()  # IMAP STORE FLAGS
+    ADD = auto()  # +FLAGS
+    REMOVE = auto()  # -FLAGS
+
+
+@dataclass(frozen=True, slots=True)
+class FlagChange:
+    uid: Uid
+    modseq: int
+    flags: frozenset[str]  # the message's flags after the change
+
+
+class ChangeKind(Enum):
+    APPEND = auto()  # ``uids`` were added (append, copy, move into the mailbox)
+    FLAGS = auto()  # the flags of ``uids`` changed, each to ``modseq``
+    EXPUNGE = auto()  # ``uids`` were removed (expunge, move out of the mailbox)
+    # Created, renamed or deleted — or changes to it were dropped because the subscriber
+    # fell too far behind (see ``Subscription``). Either way: re-read the mailbox
+    # (``mailbox_by_id``, ``uids``, ``messages_since``); ``uids`` is empty.
+    MAILBOX = auto()
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What a committed write did to one mailbox. Published only after the COMMIT."""
+
+    mailbox_id: MailboxId
+    kind: ChangeKind
+    uids: tuple[Uid, ...]
+    modseq: int  # the mailbox's HIGHESTMODSEQ after the change
+
+
+class Subscription(Protocol):
+    """Committed changes to some mailboxes, in commit order, each returned once.
+
+    One consumer per subscription. The backlog is bounded: when more than about 10,000
+    changed UIDs are pending (``wait()`` not called for a long time), the backlog is
+    replaced by one ``ChangeKind.MAILBOX`` change per mailbox, telling the subscriber to
+    resynchronise rather than keeping every change in memory.
+    """
+
+    async def wait(self, timeout: float | None = None) -> list[Change]:
+        """Every change not yet returned (at least one), or [] after ``timeout``, or []
+        at once when the subscription or the store is closed."""
+
+    def close(self) -> None: ...
+
+
+class ChangeFeed(Protocol):
+    """``store.changes``: what committed write transactions did, for IMAP IDLE and NOTIFY.
+
+    A change is published only after the COMMIT that holds it (never for a rolled-back
+    transaction), by every write path, SMTP delivery included. It may arrive shortly after
+    ``async with store.write()`` returned (LISTEN/NOTIFY is asynchronous), so a session
+    re-reads the store when woken rather than trusting the change alone.
+    """
+
+    def subscribe(self, mailbox_ids: Sequence[MailboxId] | None = None) -> Subscription:
+        """Changes to these mailboxes (all of them for None), from now on."""
+
+
+class ReadTx(Protocol):
+    """A consistent snapshot of the store."""
+
+    # accounts
+    async def domain_exists(self, name: str) -> bool: ...
+    async def list_domains(self) -> list[Domain]: ...
+    async def get_account(self, address: str) -> Account | None: ...
+    async def list_accounts(self, domain: str | None = None) -> list[Account]: ...
+    async def alias_targets(self, source: str) -> list[str]: ...
+    async def list_aliases(self, source: str | None = None) -> list[Alias]: ...
+    # mailboxes and messages
+    async def mailboxes(self, account_id: AccountId) -> list[Mailbox]: ...
+    async def mailbox(self, account_id: AccountId, name: str) -> Mailbox | None: ...
+    async def mailbox_by_id(self, mailbox_id: MailboxId) -> Mailbox | None: ...
+    async def uids(self, mailbox_id: MailboxId) -> list[Uid]:
+        """Every UID in the mailbox, ascending (cheap: no message data)."""
+
+    async def messages_since(self, mailbox_id: MailboxId, modseq: int) -> list[MessageRow]:
+        """Messages whose modseq is greater than ``modseq`` (RFC 7162 CHANGEDSINCE), in UID
+        order. Expunged messages are not reported (no tombstones are kept)."""
+
+    async def maildrop_holder(self, account_id: AccountId) -> str | None:
+        """Who holds the POP3 maildrop lock, if anyone holds an unexpired one."""
+
+    async def messages(
+        self, mailbox_id: MailboxId, uids: Sequence[Uid] | None = None
+    ) -> list[MessageRow]: ...
+    async def read_blob(
+        self, ref: BlobRef, offset: int = 0, length: int | None = None
+    ) -> bytes: ...
+    # outbound
+    async def outbound(self, limit: int = 100) -> list[OutboundRow]: ...
+
+
+class WriteTx(ReadTx, Protocol):
+    """Changes made here become visible and durable together when the transaction ends."""
+
+    async def add_domain(self, name: str) -> Domain: ...
+    async def del_domain(self, name: str) -> None: ...
+    async def add_account(self, address: str, password_hash: str) -> Account: ...
+    async def set_password(self, address: str, password_hash: str) -> None: ...
+    async def del_account(self, address: str) -> None: ...
+    async def add_alias(self, source: str, target: str) -> Alias: ...
+    async def del_alias(self, source: str, target: str) -> None: ...
+    async def create_mailbox(
+        self, account_id: AccountId, name: str, special_use: str | None = None
+    ) -> Mailbox: ...
+    async def put_blob(self, data: bytes | BinaryIO, size: int | None = None) -> BlobRef: ...
+    async def append(
+        self,
+        mailbox_id: MailboxId,
+        blob: BlobRef,
+        flags: frozenset[str] = frozenset(),
+        when: datetime | None = None,
+        envelope: str | None = None,
+        bodystructure: str | None = None,
+    ) -> Uid: ...
+    async def enqueue(self, sender: str, recipients: Sequence[str], blob: BlobRef) -> QueueId: ...
+    async def set_flags(
+        self,
+        mailbox_id: MailboxId,
+        uids: Sequence[Uid],
+        op: FlagOp,
+        flags: frozenset[str],
+        unchanged_since: int | None = None,
+    ) -> tuple[list[FlagChange], list[Uid]]:
+        """Apply ``op``; returns (messages whose flags changed, each with a new modseq;
+        UIDs refused because their modseq > unchanged_since, RFC 7162 §3.1.3).
+        Missing UIDs are ignored.
+
+        Both lists are in ascending UID order. All messages changed by one call share one
+        new modseq (the mailbox's new HIGHESTMODSEQ). A message whose flags end up as they
+        were is not changed: no new modseq, not in the result. Flag case and ``\\Recent``:
+        see ``SYSTEM_FLAGS``. NOT_FOUND if the mailbox does not exist."""
+
+    async def expunge(self, mailbox_id: MailboxId, uids: Sequence[Uid]) -> list[Uid]:
+        """Remove these messages; returns the UIDs actually removed, ascending.
+
+        Raises HIGHESTMODSEQ once if anything was removed. A message's bytes are freed in
+        the same transaction once no message and no queue entry refers to them any more; a
+        later ``read_blob`` of that ``BlobRef`` is NOT_FOUND. NOT_FOUND if the mailbox does
+        not exist; missing UIDs are ignored."""
+
+    async def copy(
+        self, src: MailboxId, uids: Sequence[Uid], dst: MailboxId
+    ) -> list[tuple[Uid, Uid]]:
+        """Copy (sharing the blob); returns (source uid, new uid) pairs, ascending.
+
+        New UIDs are given in ascending order of source UID (RFC 4315 COPYUID); flags,
+        internal date, envelope and bodystructure are kept. ``dst`` may be ``src``.
+        NOT_FOUND if either mailbox does not exist; missing UIDs are ignored."""
+
+    async def move(
+        self, src: MailboxId, uids: Sequence[Uid], dst: MailboxId
+    ) -> list[tuple[Uid, Uid]]:
+        """Copy then expunge from ``src``, atomically (RFC 6851)."""
+
+    async def rename_mailbox(self, mailbox_id: MailboxId, new_name: str) -> None:
+        """Renames children too ("a/b" with "a"). RFC 3501 §6.3.5: renaming INBOX moves its
+        messages to a new mailbox and leaves INBOX empty. EXISTS if the name is taken.
+
+        The hierarchy delimiter is "/". EXISTS also when a child's new name is taken, or
+        the new name is INBOX; PERM when the new name is inside the mailbox itself ("a" to
+        "a/b"). A renamed mailbox keeps its UIDVALIDITY, UIDs, special-use and subscription
+        (RFC 3501 allows keeping them); the mailbox INBOX's messages move to gets a new
+        UIDVALIDITY and new UIDs, and INBOX's children are not renamed."""
+
+    async def delete_mailbox(self, mailbox_id: MailboxId) -> None:
+        """Delete the mailbox and its messages (freeing their bytes as ``expunge`` does).
+        Its children stay. PERM for INBOX, NOT_FOUND if it does not exist."""
+
+    async def set_subscribed(self, mailbox_id: MailboxId, subscribed: bool) -> None: ...
+    async def acquire_maildrop(self, account_id: AccountId, holder: str, ttl: float) -> bool:
+        """Take (or refresh, for the same holder) the POP3 maildrop lock for ``ttl`` seconds;
+        False while another holder has an unexpired lock (RFC 1939 §8 exclusive access).
+
+        An expired lock (its holder died) is taken over. Expiry is judged by the store's
+        clock, so it works across processes and nodes. The lock is seen by others once
+        this transaction commits. NOT_FOUND if the account does not exist."""
+
+    async def release_maildrop(self, account_id: AccountId, holder: str) -> None:
+        """Release the lock if ``holder`` holds it; otherwise do nothing."""
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Counters for benchmarks and metrics."""
+
+    write_transactions: int = 0
+    commits: int = 0  # each commit is one fsync of the write-ahead log
+
+
+class Store(Protocol):
+    stats: StoreStats
+    changes: ChangeFeed
+
+    async def open(self) -> None:
+        """Create or migrate the schema, then get ready to serve."""
+
+    async def close(self) -> None: ...
+    def read(self) -> AbstractAsyncContextManager[ReadTx]: ...
+    def write(self) -> AbstractAsyncContextManager[WriteTx]: ...

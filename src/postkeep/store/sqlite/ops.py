@@ -1,0 +1,947 @@
+"""The SQL of every store operation, as plain synchronous functions of a connection.
+
+Each function takes the connection first and runs in a store thread (the writer thread
+or a reader's thread), never on the event loop. ``tx.py`` wraps them as the async
+``ReadTx``/``WriteTx`` methods; the thread wrappers there own transactions, savepoints and
+error conversion, so the functions here only raise ``StorageError`` for the cases they
+explain better than SQLite would, and ``ValueError`` for malformed arguments to a write
+(a lookup of a malformed name simply finds nothing).
+
+Invariants:
+- Functions never BEGIN, COMMIT, ROLLBACK or SAVEPOINT: they run inside a transaction
+  someone else owns (a write batch or a read snapshot).
+- Addresses and domains are lower-cased here, on the way in, for writes and lookups alike.
+  Outbound senders and recipients are *not*: a remote local part is case-sensitive
+  (RFC 5321 §2.4).
+- ``append`` takes the UID from ``uidnext`` and the modseq from ``highestmodseq + 1`` and
+  bumps both in the same transaction; with one writer there is no read-modify-write race.
+- Blob bytes are copied in chunks of at most ``BLOB_CHUNK`` with incremental blob I/O, so
+  a message is never held in memory twice.
+- Every change to a message takes a new modseq from ``highestmodseq + 1`` and stores it
+  on the mailbox in the same operation (RFC 7162 §2); one operation (one STORE, one
+  EXPUNGE, one COPY) uses one new modseq for all the messages it changes.
+- A blob is deleted in the operation that removes the last message referring to it, if
+  no queue entry refers to it either (``_free_blobs``); nothing else deletes blobs.
+- Functions that change mailboxes or messages append what they did, as ``Change``s, to
+  their ``log`` argument. ``tx.py`` gives each call a fresh list and keeps it only if the
+  call returned; the writer publishes it only after the COMMIT of its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
+from typing import Any, BinaryIO
+
+from postkeep.store.api import (
+    DEFAULT_MAILBOXES,
+    SYSTEM_FLAGS,
+    Account,
+    AccountId,
+    Alias,
+    BlobRef,
+    Change,
+    ChangeKind,
+    Domain,
+    FlagChange,
+    FlagOp,
+    Mailbox,
+    MailboxId,
+    MessageRow,
+    OutboundRow,
+    QueueId,
+    StorageError,
+    StorageErrorKind,
+    Uid,
+)
+from postkeep.store.sqlite.connection import from_us, now_us, to_us
+
+#: Bytes copied per step when writing a blob from a file object or bytes.
+BLOB_CHUNK = 1 << 20
+
+# RFC 3501 §2.3.1.1: UIDs and UIDVALIDITY are non-zero unsigned 32-bit numbers.
+_MAX_UID = 0xFFFFFFFF
+# Bound parameters per IN (...) list; SQLite before 3.32 allows 999 in total.
+_IN_CHUNK = 500
+# RFC 3501 §5.1.1: the hierarchy delimiter postkeep uses.
+DELIMITER = "/"
+# Longest maildrop lock accepted (seconds): a POP3 session refreshes its lock; a TTL past
+# this is a caller's bug and would keep a dead session's lock for ever.
+_MAX_LOCK_TTL = 7 * 24 * 3600.0
+
+_SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
+
+
+def _domain(name: str) -> str:
+    d = name.strip().lower()
+    if not d or "@" in d or any(c.isspace() for c in d):
+        raise ValueError(f"not a domain name: {name!r}")
+    return d
+
+
+def _address(address: str) -> tuple[str, str]:
+    """(lower-cased address, its domain)."""
+    a = address.strip().lower()
+    local, at, dom = a.rpartition("@")
+    if not at or not local or any(c.isspace() for c in a):
+        raise ValueError(f"not an address: {address!r}")
+    return a, _domain(dom)
+
+
+def _alias_source(source: str) -> tuple[str, str]:
+    """(lower-cased source, its domain); ``@domain`` is the catch-all."""
+    s = source.strip().lower()
+    if s.startswith("@"):
+        d = _domain(s[1:])
+        return "@" + d, d
+    return _address(s)
+
+
+def _mailbox_name(name: str) -> str:
+    # RFC 3501 §5.1: the name INBOX is case-insensitive; store one spelling.
+    if name.upper() == "INBOX":
+        return "INBOX"
+    if not name:
+        raise ValueError("empty mailbox name")
+    return name
+
+
+def _flags(flags: Iterable[str]) -> frozenset[str]:
+    """Flags as stored: system flags in canonical case, ``\\Recent`` dropped.
+
+    RFC 3501 §2.3.2: ``\\Recent`` is per session, computed by sessions, never stored.
+    Keywords keep their case and are compared exactly (api.SYSTEM_FLAGS).
+    """
+    if isinstance(flags, str):
+        raise ValueError("flags must be a set of flags, not one string")
+    out: set[str] = set()
+    for f in flags:
+        if not f or any(c.isspace() for c in f):
+            raise ValueError(f"not a flag: {f!r}")
+        low = f.lower()
+        if low == "\\recent":
+            continue
+        out.add(_SYSTEM_BY_LOWER.get(low, f))
+    return frozenset(out)
+
+
+def _flags_text(flags: frozenset[str]) -> str:
+    """The stored form of already-normalised flags: sorted, space-separated."""
+    return " ".join(sorted(flags))
+
+
+def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
+    for i in range(0, len(values), _IN_CHUNK):
+        yield values[i : i + _IN_CHUNK]
+
+
+def _marks(n: int) -> str:
+    return ",".join("?" * n)
+
+
+# ---------------------------------------------------------------- domains, accounts, aliases
+
+
+def domain_exists(conn: sqlite3.Connection, name: str) -> bool:
+    try:
+        d = _domain(name)
+    except ValueError:
+        return False  # lookups of malformed names find nothing; only writes refuse them
+    row = conn.execute("SELECT 1 FROM domains WHERE name = ?", (d,)).fetchone()
+    return row is not None
+
+
+def list_domains(conn: sqlite3.Connection) -> list[Domain]:
+    rows = conn.execute("SELECT name, created FROM domains ORDER BY name").fetchall()
+    return [Domain(name, from_us(created)) for name, created in rows]
+
+
+def add_domain(conn: sqlite3.Connection, name: str) -> Domain:
+    d = _domain(name)
+    created = now_us()
+    try:
+        conn.execute("INSERT INTO domains (name, created) VALUES (?, ?)", (d, created))
+    except sqlite3.IntegrityError as e:
+        if e.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY:
+            raise StorageError(StorageErrorKind.EXISTS, f"domain {d} already exists") from e
+        raise
+    return Domain(d, from_us(created))
+
+
+def del_domain(conn: sqlite3.Connection, name: str) -> None:
+    d = _domain(name)
+    if not domain_exists(conn, d):
+        raise StorageError(StorageErrorKind.NOT_FOUND, f"domain {d} does not exist")
+    accounts = conn.execute("SELECT count(*) FROM accounts WHERE domain = ?", (d,)).fetchone()[0]
+    aliases = conn.execute("SELECT count(*) FROM aliases WHERE domain = ?", (d,)).fetchone()[0]
+    if accounts or aliases:
+        # Refuse rather than cascade: deleting a domain must never silently delete
+        # mailboxes full of mail or routing rules.
+        raise StorageError(
+            StorageErrorKind.PERM,
+            f"domain {d} still has {accounts} account(s) and {aliases} alias(es); "
+            "delete those first (postkeep user del / postkeep alias del), "
+            "then delete the domain",
+        )
+    conn.execute("DELETE FROM domains WHERE name = ?", (d,))
+
+
+def _account(row: tuple[int, str, str, int]) -> Account:
+    return Account(row[0], row[1], row[2], from_us(row[3]))
+
+
+def get_account(conn: sqlite3.Connection, address: str) -> Account | None:
+    try:
+        a, _ = _address(address)
+    except ValueError:
+        return None  # e.g. a bare "postmaster" the caller has not qualified
+    row = conn.execute(
+        "SELECT id, address, password_hash, created FROM accounts WHERE address = ?", (a,)
+    ).fetchone()
+    return None if row is None else _account(row)
+
+
+def list_accounts(conn: sqlite3.Connection, domain: str | None = None) -> list[Account]:
+    if domain is None:
+        cur = conn.execute(
+            "SELECT id, address, password_hash, created FROM accounts ORDER BY address"
+        )
+    else:
+        cur = conn.execute(
+            "SELECT id, address, password_hash, created FROM accounts WHERE domain = ?"
+            " ORDER BY address",
+            (_domain(domain),),
+        )
+    return [_account(r) for r in cur.fetchall()]
+
+
+def add_account(
+    conn: sqlite3.Connection, address: str, password_hash: str, log: list[Change]
+) -> Account:
+    a, d = _address(address)
+    if not domain_exists(conn, d):
+        raise StorageError(
+            StorageErrorKind.NOT_FOUND,
+            f"domain {d} is not a local domain; add it first (postkeep domain add {d})",
+        )
+    created = now_us()
+    try:
+        cur = conn.execute(
+            "INSERT INTO accounts (address, domain, password_hash, created) VALUES (?, ?, ?, ?)",
+            (a, d, password_hash, created),
+        )
+    except sqlite3.IntegrityError as e:
+        if e.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_UNIQUE:
+            raise StorageError(StorageErrorKind.EXISTS, f"account {a} already exists") from e
+        raise
+    account_id = cur.lastrowid
+    assert account_id is not None
+    # The default mailboxes are part of the account: same transaction, so an account
+    # without an INBOX is never visible. Defaults are subscribed (RFC 6154 clients expect
+    # to see them).
+    made = [
+        _insert_mailbox(conn, account_id, name, special_use, subscribed=True)
+        for name, special_use in DEFAULT_MAILBOXES
+    ]
+    log.extend(Change(m.id, ChangeKind.MAILBOX, (), m.highestmodseq) for m in made)
+    return Account(account_id, a, password_hash, from_us(created))
+
+
+def set_password(conn: sqlite3.Connection, address: str, password_hash: str) -> None:
+    a, _ = _address(address)
+    cur = conn.execute(
+        "UPDATE accounts SET password_hash = ? WHERE address = ?", (password_hash, a)
+    )
+    if cur.rowcount == 0:
+        raise StorageError(StorageErrorKind.NOT_FOUND, f"account {a} does not exist")
+
+
+def del_account(conn: sqlite3.Connection, address: str, log: list[Change]) -> None:
+    a, _ = _address(address)
+    row = conn.execute("SELECT id FROM accounts WHERE address = ?", (a,)).fetchone()
+    if row is None:
+        raise StorageError(StorageErrorKind.NOT_FOUND, f"account {a} does not exist")
+    account_id = row[0]
+    boxes = conn.execute(
+        "SELECT id, highestmodseq FROM mailboxes WHERE account_id = ? ORDER BY id",
+        (account_id,),
+    ).fetchall()
+    blob_ids = [
+        b
+        for (b,) in conn.execute(
+            "SELECT DISTINCT m.blob_id FROM messages m JOIN mailboxes x ON x.id = m.mailbox_id"
+            " WHERE x.account_id = ?",
+            (account_id,),
+        )
+    ]
+    # ON DELETE CASCADE removes the mailboxes, their messages and the maildrop lock.
+    conn.execute("DELETE FROM accounts WHERE id = ?", (account_id,))
+    _free_blobs(conn, blob_ids)
+    log.extend(Change(mid, ChangeKind.MAILBOX, (), modseq) for mid, modseq in boxes)
+
+
+def alias_targets(conn: sqlite3.Connection, source: str) -> list[str]:
+    try:
+        s, _ = _alias_source(source)
+    except ValueError:
+        return []
+    rows = conn.execute(
+        "SELECT target FROM aliases WHERE source = ? ORDER BY target", (s,)
+    ).fetchall()
+    return [t for (t,) in rows]
+
+
+def list_aliases(conn: sqlite3.Connection, source: str | None = None) -> list[Alias]:
+    if source is None:
+        cur = conn.execute("SELECT source, target FROM aliases ORDER BY source, target")
+    else:
+        cur = conn.execute(
+            "SELECT source, target FROM aliases WHERE source = ? ORDER BY target",
+            (_alias_source(source)[0],),
+        )
+    return [Alias(s, t) for s, t in cur.fetchall()]
+
+
+def add_alias(conn: sqlite3.Connection, source: str, target: str) -> Alias:
+    s, d = _alias_source(source)
+    t, _ = _address(target)
+    if not domain_exists(conn, d):
+        raise StorageError(
+            StorageErrorKind.NOT_FOUND,
+            f"domain {d} is not a local domain; an alias source must be in one",
+        )
+    try:
+        conn.execute(
+            "INSERT INTO aliases (source, target, domain, created) VALUES (?, ?, ?, ?)",
+            (s, t, d, now_us()),
+        )
+    except sqlite3.IntegrityError as e:
+        if e.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY:
+            raise StorageError(StorageErrorKind.EXISTS, f"alias {s} -> {t} already exists") from e
+        raise
+    return Alias(s, t)
+
+
+def del_alias(conn: sqlite3.Connection, source: str, target: str) -> None:
+    s, _ = _alias_source(source)
+    t, _ = _address(target)
+    cur = conn.execute("DELETE FROM aliases WHERE source = ? AND target = ?", (s, t))
+    if cur.rowcount == 0:
+        raise StorageError(StorageErrorKind.NOT_FOUND, f"alias {s} -> {t} does not exist")
+
+
+# ---------------------------------------------------------------- mailboxes and messages
+
+_MAILBOX_COLS = "id, account_id, name, uidvalidity, uidnext, highestmodseq, special_use, subscribed"
+
+
+def _mailbox(row: tuple[int, int, str, int, int, int, str | None, int]) -> Mailbox:
+    return Mailbox(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
+
+
+def mailboxes(conn: sqlite3.Connection, account_id: AccountId) -> list[Mailbox]:
+    rows = conn.execute(
+        f"SELECT {_MAILBOX_COLS} FROM mailboxes WHERE account_id = ? ORDER BY id", (account_id,)
+    ).fetchall()
+    return [_mailbox(r) for r in rows]
+
+
+def mailbox(conn: sqlite3.Connection, account_id: AccountId, name: str) -> Mailbox | None:
+    try:
+        n = _mailbox_name(name)
+    except ValueError:
+        return None  # lookups of malformed names find nothing
+    row = conn.execute(
+        f"SELECT {_MAILBOX_COLS} FROM mailboxes WHERE account_id = ? AND name = ?",
+        (account_id, n),
+    ).fetchone()
+    return None if row is None else _mailbox(row)
+
+
+def mailbox_by_id(conn: sqlite3.Connection, mailbox_id: MailboxId) -> Mailbox | None:
+    row = conn.execute(
+        f"SELECT {_MAILBOX_COLS} FROM mailboxes WHERE id = ?", (mailbox_id,)
+    ).fetchone()
+    return None if row is None else _mailbox(row)
+
+
+def _require_mailbox(conn: sqlite3.Connection, mailbox_id: MailboxId) -> Mailbox:
+    box = mailbox_by_id(conn, mailbox_id)
+    if box is None:
+        raise StorageError(StorageErrorKind.NOT_FOUND, f"mailbox id {mailbox_id} does not exist")
+    return box
+
+
+def _next_uidvalidity(conn: sqlite3.Connection) -> int:
+    # RFC 3501 §2.3.1.1: a mailbox deleted and recreated under the same name must get a new
+    # UIDVALIDITY. Taking max(last + 1, now) makes values strictly increase across the
+    # whole store — even when the clock steps back or many mailboxes appear in one second.
+    last = conn.execute("SELECT value FROM counters WHERE name = 'uidvalidity'").fetchone()[0]
+    value = max(last + 1, int(time.time()))
+    if value > _MAX_UID:
+        raise StorageError(StorageErrorKind.LIMIT, "UIDVALIDITY values are exhausted")
+    conn.execute("UPDATE counters SET value = ? WHERE name = 'uidvalidity'", (value,))
+    return int(value)
+
+
+def _insert_mailbox(
+    conn: sqlite3.Connection,
+    account_id: AccountId,
+    name: str,
+    special_use: str | None,
+    *,
+    subscribed: bool,
+) -> Mailbox:
+    n = _mailbox_name(name)
+    uidvalidity = _next_uidvalidity(conn)
+    try:
+        cur = conn.execute(
+            "INSERT INTO mailboxes (account_id, name, uidvalidity, uidnext, highestmodseq,"
+            " special_use, subscribed) VALUES (?, ?, ?, 1, 1, ?, ?)",
+            (account_id, n, uidvalidity, special_use, int(subscribed)),
+        )
+    except sqlite3.IntegrityError as e:
+        if e.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_UNIQUE:
+            raise StorageError(StorageErrorKind.EXISTS, f"mailbox {n!r} already exists") from e
+        if e.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_FOREIGNKEY:
+            raise StorageError(
+                StorageErrorKind.NOT_FOUND, f"account id {account_id} does not exist"
+            ) from e
+        raise
+    mailbox_id = cur.lastrowid
+    assert mailbox_id is not None
+    return Mailbox(mailbox_id, account_id, n, uidvalidity, 1, 1, special_use, subscribed)
+
+
+def create_mailbox(
+    conn: sqlite3.Connection,
+    account_id: AccountId,
+    name: str,
+    special_use: str | None,
+    log: list[Change],
+) -> Mailbox:
+    # RFC 3501 §6.3.3: CREATE does not subscribe; SUBSCRIBE is a separate command.
+    box = _insert_mailbox(conn, account_id, name, special_use, subscribed=False)
+    log.append(Change(box.id, ChangeKind.MAILBOX, (), box.highestmodseq))
+    return box
+
+
+_MESSAGE_COLS = (
+    "m.mailbox_id, m.uid, m.modseq, m.flags, m.internal_date, m.internal_tz, m.size,"
+    " m.blob_id, m.envelope, m.bodystructure"
+)
+
+
+def _message(
+    row: tuple[int, int, int, str, int, int, int, int, str | None, str | None],
+) -> MessageRow:
+    return MessageRow(
+        mailbox_id=row[0],
+        uid=row[1],
+        modseq=row[2],
+        flags=frozenset(row[3].split()),
+        internal_date=from_us(row[4], row[5]),
+        size=row[6],
+        blob=BlobRef(row[7], row[6]),
+        envelope=row[8],
+        bodystructure=row[9],
+    )
+
+
+def messages(
+    conn: sqlite3.Connection, mailbox_id: MailboxId, uids: Sequence[Uid] | None = None
+) -> list[MessageRow]:
+    """Rows in UID order; UIDs that do not exist are left out (as IMAP FETCH does)."""
+    if uids is None:
+        rows = conn.execute(
+            f"SELECT {_MESSAGE_COLS} FROM messages m WHERE m.mailbox_id = ? ORDER BY m.uid",
+            (mailbox_id,),
+        ).fetchall()
+        return [_message(r) for r in rows]
+    return [_message(r) for r in _by_uid(conn, _MESSAGE_COLS, mailbox_id, uids)]
+
+
+def _by_uid(
+    conn: sqlite3.Connection, cols: str, mailbox_id: MailboxId, uids: Iterable[Uid]
+) -> list[tuple[Any, ...]]:
+    """``cols`` of the messages with these UIDs (those that exist), in UID order."""
+    wanted = sorted(set(uids))
+    out: list[tuple[Any, ...]] = []
+    # Chunks in ascending order keep the whole result in UID order.
+    for chunk in _chunks(wanted):
+        out.extend(
+            conn.execute(
+                f"SELECT {cols} FROM messages m"
+                f" WHERE m.mailbox_id = ? AND m.uid IN ({_marks(len(chunk))}) ORDER BY m.uid",
+                (mailbox_id, *chunk),
+            ).fetchall()
+        )
+    return out
+
+
+def _existing_uids(
+    conn: sqlite3.Connection, mailbox_id: MailboxId, uids: Iterable[Uid]
+) -> list[Uid]:
+    return [int(r[0]) for r in _by_uid(conn, "m.uid", mailbox_id, uids)]
+
+
+def uids(conn: sqlite3.Connection, mailbox_id: MailboxId) -> list[Uid]:
+    # Covering index messages_uids (0002): no message row is read.
+    return [
+        u
+        for (u,) in conn.execute(
+            "SELECT uid FROM messages WHERE mailbox_id = ? ORDER BY uid", (mailbox_id,)
+        )
+    ]
+
+
+def messages_since(
+    conn: sqlite3.Connection, mailbox_id: MailboxId, modseq: int
+) -> list[MessageRow]:
+    # RFC 7162 §3.1.4.1 CHANGEDSINCE. INDEXED BY: the planner would otherwise walk the
+    # whole mailbox in UID order to avoid a sort; the modseq index finds the few rows that
+    # changed, and sorting those is cheap.
+    rows = conn.execute(
+        f"SELECT {_MESSAGE_COLS} FROM messages m INDEXED BY messages_modseq"
+        " WHERE m.mailbox_id = ? AND m.modseq > ? ORDER BY m.uid",
+        (mailbox_id, modseq),
+    ).fetchall()
+    return [_message(r) for r in rows]
+
+
+def append(
+    conn: sqlite3.Connection,
+    mailbox_id: MailboxId,
+    blob: BlobRef,
+    flags: frozenset[str],
+    when: datetime | None,
+    envelope: str | None,
+    bodystructure: str | None,
+    log: list[Change],
+) -> Uid:
+    flag_text = _flags_text(_flags(flags))
+    if when is None:
+        internal, tz_minutes = now_us(), 0
+    else:
+        internal = to_us(when)
+        offset = when.utcoffset()
+        assert offset is not None  # to_us refused naive datetimes
+        tz_minutes = int(offset.total_seconds() // 60)
+    row = conn.execute(
+        "SELECT uidnext, highestmodseq FROM mailboxes WHERE id = ?", (mailbox_id,)
+    ).fetchone()
+    if row is None:
+        raise StorageError(StorageErrorKind.NOT_FOUND, f"mailbox id {mailbox_id} does not exist")
+    uid, modseq = row[0], row[1] + 1
+    if uid > _MAX_UID:
+        # RFC 3501 §2.3.1.1: UIDs are 32-bit. The mailbox needs a new UIDVALIDITY (a rename
+        # and re-create), which is an operator decision.
+        raise StorageError(StorageErrorKind.LIMIT, f"mailbox id {mailbox_id} has run out of UIDs")
+    size = _blob_size(conn, blob.id)
+    if size != blob.size:
+        raise ValueError(f"blob {blob.id} has {size} bytes, the reference says {blob.size}")
+    conn.execute(
+        "UPDATE mailboxes SET uidnext = ?, highestmodseq = ? WHERE id = ?",
+        (uid + 1, modseq, mailbox_id),
+    )
+    conn.execute(
+        "INSERT INTO messages (mailbox_id, uid, modseq, flags, internal_date, internal_tz,"
+        " size, blob_id, envelope, bodystructure) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            mailbox_id,
+            uid,
+            modseq,
+            flag_text,
+            internal,
+            tz_minutes,
+            size,
+            blob.id,
+            envelope,
+            bodystructure,
+        ),
+    )
+    log.append(Change(mailbox_id, ChangeKind.APPEND, (uid,), modseq))
+    return int(uid)
+
+
+def _new_modseq(conn: sqlite3.Connection, box: Mailbox) -> int:
+    """Raise the mailbox's HIGHESTMODSEQ by one and return it (RFC 7162 §2: every change
+    gets a mod-sequence greater than any before it in the mailbox)."""
+    modseq = box.highestmodseq + 1
+    conn.execute("UPDATE mailboxes SET highestmodseq = ? WHERE id = ?", (modseq, box.id))
+    return modseq
+
+
+def set_flags(
+    conn: sqlite3.Connection,
+    mailbox_id: MailboxId,
+    uids: Sequence[Uid],
+    op: FlagOp,
+    flags: frozenset[str],
+    unchanged_since: int | None,
+    log: list[Change],
+) -> tuple[list[FlagChange], list[Uid]]:
+    given = _flags(flags)
+    if unchanged_since is not None and unchanged_since < 0:
+        raise ValueError(f"negative UNCHANGEDSINCE {unchanged_since}")
+    box = _require_mailbox(conn, mailbox_id)
+    refused: list[Uid] = []
+    changed: list[tuple[Uid, frozenset[str]]] = []
+    for uid, modseq, text in _by_uid(conn, "m.uid, m.modseq, m.flags", mailbox_id, uids):
+        # RFC 7162 §3.1.3: test first, whether or not the STORE would change anything;
+        # UNCHANGEDSINCE 0 therefore always fails (every modseq is >= 1).
+        if unchanged_since is not None and modseq > unchanged_since:
+            refused.append(uid)
+            continue
+        old = frozenset(text.split())
+        match op:
+            case FlagOp.SET:
+                new = given
+            case FlagOp.ADD:
+                new = old | given
+            case FlagOp.REMOVE:
+                new = old - given
+        if new != old:  # setting what is already set is not a change: no new modseq
+            changed.append((uid, new))
+    if not changed:
+        return [], refused
+    # One new mod-sequence shared by every message this STORE changed: RFC 7162 §2 asks
+    # only that it be greater than every earlier one in the mailbox.
+    modseq = _new_modseq(conn, box)
+    conn.executemany(
+        "UPDATE messages SET flags = ?, modseq = ? WHERE mailbox_id = ? AND uid = ?",
+        [(_flags_text(new), modseq, mailbox_id, uid) for uid, new in changed],
+    )
+    log.append(Change(mailbox_id, ChangeKind.FLAGS, tuple(u for u, _ in changed), modseq))
+    return [FlagChange(uid, modseq, new) for uid, new in changed], refused
+
+
+def _free_blobs(conn: sqlite3.Connection, blob_ids: Iterable[int]) -> None:
+    """Delete those of these blobs that no message and no queue entry refers to any more.
+
+    Called with the blobs of the rows an operation just deleted, in the same transaction:
+    a blob is freed exactly when its last reference goes, so no sweep is ever needed, and
+    a message copied to two mailboxes keeps its bytes until both copies are gone.
+    """
+    candidates = sorted(set(blob_ids))
+    for chunk in _chunks(candidates):
+        conn.execute(
+            f"DELETE FROM blobs WHERE id IN ({_marks(len(chunk))})"
+            " AND NOT EXISTS (SELECT 1 FROM messages WHERE blob_id = blobs.id)"
+            " AND NOT EXISTS (SELECT 1 FROM outbound WHERE blob_id = blobs.id)",
+            chunk,
+        )
+
+
+def expunge(
+    conn: sqlite3.Connection, mailbox_id: MailboxId, uids: Sequence[Uid], log: list[Change]
+) -> list[Uid]:
+    box = _require_mailbox(conn, mailbox_id)
+    rows = _by_uid(conn, "m.uid, m.blob_id", mailbox_id, uids)
+    if not rows:
+        return []
+    removed = [int(r[0]) for r in rows]
+    conn.executemany(
+        "DELETE FROM messages WHERE mailbox_id = ? AND uid = ?",
+        [(mailbox_id, uid) for uid in removed],
+    )
+    # RFC 7162 §3.2 (QRESYNC): an expunge is a change too; HIGHESTMODSEQ rises.
+    modseq = _new_modseq(conn, box)
+    _free_blobs(conn, (r[1] for r in rows))
+    log.append(Change(mailbox_id, ChangeKind.EXPUNGE, tuple(removed), modseq))
+    return removed
+
+
+def copy(
+    conn: sqlite3.Connection,
+    src: MailboxId,
+    uids: Sequence[Uid],
+    dst: MailboxId,
+    log: list[Change],
+) -> list[tuple[Uid, Uid]]:
+    _require_mailbox(conn, src)
+    target = _require_mailbox(conn, dst)
+    found = _existing_uids(conn, src, uids)
+    if not found:
+        return []
+    first = target.uidnext
+    if first + len(found) - 1 > _MAX_UID:
+        raise StorageError(
+            StorageErrorKind.LIMIT,
+            f"mailbox {target.name!r} has no room for {len(found)} more UIDs",
+        )
+    modseq = target.highestmodseq + 1
+    # RFC 4315 §4.3 (COPYUID): new UIDs in the order of the source UIDs. The rows are
+    # copied inside SQLite (INSERT … SELECT), so envelopes never pass through Python, and
+    # the blob is shared, not copied. row_number() over each ascending chunk, offset by
+    # the UIDs already given, keeps the order across chunks.
+    done = 0
+    for chunk in _chunks(found):
+        conn.execute(
+            "INSERT INTO messages (mailbox_id, uid, modseq, flags, internal_date, internal_tz,"
+            " size, blob_id, envelope, bodystructure)"
+            " SELECT ?, ? + row_number() OVER (ORDER BY uid), ?, flags, internal_date,"
+            " internal_tz, size, blob_id, envelope, bodystructure FROM messages"
+            f" WHERE mailbox_id = ? AND uid IN ({_marks(len(chunk))})",
+            (dst, first + done - 1, modseq, src, *chunk),
+        )
+        done += len(chunk)
+    conn.execute(
+        "UPDATE mailboxes SET uidnext = ?, highestmodseq = ? WHERE id = ?",
+        (first + len(found), modseq, dst),
+    )
+    pairs = [(uid, first + i) for i, uid in enumerate(found)]
+    log.append(Change(dst, ChangeKind.APPEND, tuple(new for _, new in pairs), modseq))
+    return pairs
+
+
+def move(
+    conn: sqlite3.Connection,
+    src: MailboxId,
+    uids: Sequence[Uid],
+    dst: MailboxId,
+    log: list[Change],
+) -> list[tuple[Uid, Uid]]:
+    # RFC 6851 §3.1: as COPY then EXPUNGE of the same messages, atomically: both run in
+    # this one operation's savepoint, so either both happen or neither does.
+    pairs = copy(conn, src, uids, dst, log)
+    if pairs:
+        expunge(conn, src, [old for old, _ in pairs], log)
+    return pairs
+
+
+def rename_mailbox(
+    conn: sqlite3.Connection, mailbox_id: MailboxId, new_name: str, log: list[Change]
+) -> None:
+    box = _require_mailbox(conn, mailbox_id)
+    target = _mailbox_name(new_name)
+    if target == "INBOX":
+        raise StorageError(StorageErrorKind.EXISTS, "INBOX always exists")
+    if box.name == "INBOX":
+        # RFC 3501 §6.3.5: renaming INBOX moves its messages to a new mailbox (new
+        # UIDVALIDITY, new UIDs) and leaves INBOX there, empty; INBOX's inferiors are
+        # unaffected.
+        made = _insert_mailbox(conn, box.account_id, target, None, subscribed=False)
+        log.append(Change(made.id, ChangeKind.MAILBOX, (), made.highestmodseq))
+        move(conn, box.id, uids(conn, box.id), made.id, log)
+        return
+    if target == box.name:
+        raise StorageError(StorageErrorKind.EXISTS, f"mailbox {target!r} already exists")
+    prefix = box.name + DELIMITER
+    if target.startswith(prefix):
+        raise StorageError(StorageErrorKind.PERM, f"cannot move mailbox {box.name!r} inside itself")
+    # The mailbox and its inferiors ("a", "a/b", "a/b/c"). Names in [prefix, name + "0")
+    # are exactly those starting with the prefix ("0" follows "/"), a range on the
+    # (account_id, name) index.
+    assert DELIMITER == "/"
+    inferiors = conn.execute(
+        "SELECT id, name, highestmodseq FROM mailboxes"
+        " WHERE account_id = ? AND name >= ? AND name < ? ORDER BY name",
+        (box.account_id, prefix, box.name + "0"),
+    ).fetchall()
+    family = [(box.id, box.name, box.highestmodseq), *inferiors]
+    ids = {mid for mid, _, _ in family}
+    renames = [(mid, target + name[len(box.name) :]) for mid, name, _ in family]
+    for _, name in renames:
+        row = conn.execute(
+            "SELECT id FROM mailboxes WHERE account_id = ? AND name = ?",
+            (box.account_id, name),
+        ).fetchone()
+        if row is not None and row[0] not in ids:
+            raise StorageError(StorageErrorKind.EXISTS, f"mailbox {name!r} already exists")
+    # Two steps: a new name may be the old name of another member of the family (renaming
+    # "a/b" to "a" turns "a/b/b" into "a/b"), and UNIQUE is checked row by row.
+    conn.executemany(
+        "UPDATE mailboxes SET name = ? WHERE id = ?",
+        [(f"\x00renaming {mid}", mid) for mid, _ in renames],
+    )
+    conn.executemany("UPDATE mailboxes SET name = ? WHERE id = ?", [(n, m) for m, n in renames])
+    # UIDVALIDITY, UIDs, special-use and subscription stay with the mailbox (RFC 3501
+    # §6.3.5 and §2.3.1.1 allow keeping UIDVALIDITY across a rename).
+    log.extend(Change(mid, ChangeKind.MAILBOX, (), modseq) for mid, _, modseq in family)
+
+
+def delete_mailbox(conn: sqlite3.Connection, mailbox_id: MailboxId, log: list[Change]) -> None:
+    box = _require_mailbox(conn, mailbox_id)
+    if box.name == "INBOX":
+        # RFC 3501 §6.3.4: it is an error to attempt to delete INBOX.
+        raise StorageError(StorageErrorKind.PERM, "INBOX cannot be deleted")
+    blob_ids = [
+        b
+        for (b,) in conn.execute(
+            "SELECT DISTINCT blob_id FROM messages WHERE mailbox_id = ?", (mailbox_id,)
+        )
+    ]
+    # RFC 3501 §6.3.4 would turn a mailbox with inferiors into \Noselect; postkeep deletes
+    # just this mailbox and leaves the inferiors as they are (they need no parent).
+    conn.execute("DELETE FROM messages WHERE mailbox_id = ?", (mailbox_id,))
+    conn.execute("DELETE FROM mailboxes WHERE id = ?", (mailbox_id,))
+    _free_blobs(conn, blob_ids)
+    log.append(Change(mailbox_id, ChangeKind.MAILBOX, (), box.highestmodseq))
+
+
+def set_subscribed(conn: sqlite3.Connection, mailbox_id: MailboxId, subscribed: bool) -> None:
+    cur = conn.execute(
+        "UPDATE mailboxes SET subscribed = ? WHERE id = ?", (int(subscribed), mailbox_id)
+    )
+    if cur.rowcount == 0:
+        raise StorageError(StorageErrorKind.NOT_FOUND, f"mailbox id {mailbox_id} does not exist")
+
+
+# ---------------------------------------------------------------- POP3 maildrop lock
+
+
+def maildrop_holder(conn: sqlite3.Connection, account_id: AccountId) -> str | None:
+    row = conn.execute(
+        "SELECT holder FROM maildrop_locks WHERE account_id = ? AND expires > ?",
+        (account_id, now_us()),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def acquire_maildrop(
+    conn: sqlite3.Connection, account_id: AccountId, holder: str, ttl: float
+) -> bool:
+    if not holder:
+        raise ValueError("a maildrop lock needs a holder name")
+    if not (math.isfinite(ttl) and 0 < ttl <= _MAX_LOCK_TTL):
+        raise ValueError(f"maildrop lock TTL must be in (0, {_MAX_LOCK_TTL}] seconds: {ttl}")
+    now = now_us()
+    row = conn.execute(
+        "SELECT holder, expires FROM maildrop_locks WHERE account_id = ?", (account_id,)
+    ).fetchone()
+    if row is not None and row[0] != holder and row[1] > now:
+        return False  # RFC 1939 §8: someone else has the maildrop
+    # Free, expired (its holder died: take it over) or ours (refresh). One writer at a
+    # time (BEGIN IMMEDIATE, across processes too), so nobody can slip in between.
+    # A missing account fails the foreign key: NOT_FOUND.
+    conn.execute(
+        "INSERT OR REPLACE INTO maildrop_locks (account_id, holder, expires) VALUES (?, ?, ?)",
+        (account_id, holder, now + round(ttl * 1_000_000)),
+    )
+    return True
+
+
+def release_maildrop(conn: sqlite3.Connection, account_id: AccountId, holder: str) -> None:
+    # Only the holder releases: a session whose lock expired and was taken over must not
+    # free the new holder's lock on its way out.
+    conn.execute(
+        "DELETE FROM maildrop_locks WHERE account_id = ? AND holder = ?", (account_id, holder)
+    )
+
+
+# ---------------------------------------------------------------- blobs
+
+
+def _blob_size(conn: sqlite3.Connection, blob_id: int) -> int:
+    row = conn.execute("SELECT size FROM blobs WHERE id = ?", (blob_id,)).fetchone()
+    if row is None:
+        raise StorageError(StorageErrorKind.NOT_FOUND, f"blob {blob_id} does not exist")
+    return int(row[0])
+
+
+def put_blob(conn: sqlite3.Connection, data: bytes | BinaryIO, size: int | None) -> BlobRef:
+    if isinstance(data, bytes | bytearray | memoryview):
+        view = memoryview(data).cast("B")
+        if size is not None and size != len(view):
+            raise ValueError(f"size {size} given for {len(view)} bytes")
+        total = len(view)
+    else:
+        if size is None:
+            # Whatever is left from the current position, found by seeking (the file stays
+            # where it was); a stream that cannot seek must come with its size.
+            here = data.tell()
+            total = data.seek(0, 2) - here
+            data.seek(here)
+        else:
+            total = size
+    if total < 0:
+        raise ValueError(f"negative blob size {total}")
+    # zeroblob() reserves the space without building the bytes in memory; the content is
+    # then written in place, chunk by chunk.
+    cur = conn.execute(
+        "INSERT INTO blobs (size, created, data) VALUES (?, ?, zeroblob(?))",
+        (total, now_us(), total),
+    )
+    blob_id = cur.lastrowid
+    assert blob_id is not None
+    if total:
+        with conn.blobopen("blobs", "data", blob_id) as b:
+            if isinstance(data, bytes | bytearray | memoryview):
+                for start in range(0, total, BLOB_CHUNK):
+                    b.write(view[start : start + BLOB_CHUNK])
+            else:
+                left = total
+                while left:
+                    chunk = data.read(min(BLOB_CHUNK, left))
+                    if not chunk:
+                        raise ValueError(
+                            f"the file ended {left} bytes before the {total} bytes expected"
+                        )
+                    b.write(chunk)
+                    left -= len(chunk)
+    return BlobRef(blob_id, total)
+
+
+def read_blob(
+    conn: sqlite3.Connection, ref: BlobRef, offset: int = 0, length: int | None = None
+) -> bytes:
+    """``length`` bytes from ``offset`` (fewer at the end; ``b""`` past it)."""
+    if offset < 0 or (length is not None and length < 0):
+        raise ValueError(f"bad range: offset {offset}, length {length}")
+    size = _blob_size(conn, ref.id)
+    end = size if length is None else min(size, offset + length)
+    if offset >= end:
+        return b""
+    with conn.blobopen("blobs", "data", ref.id, readonly=True) as b:
+        b.seek(offset)
+        return b.read(end - offset)
+
+
+# ---------------------------------------------------------------- outbound
+
+
+def enqueue(
+    conn: sqlite3.Connection, sender: str, recipients: Sequence[str], blob: BlobRef
+) -> QueueId:
+    if isinstance(recipients, str):
+        raise ValueError("recipients must be a sequence of addresses, not one string")
+    rcpts = list(recipients)
+    if not rcpts:
+        raise ValueError("a queue entry needs at least one recipient")
+    _blob_size(conn, blob.id)  # NOT_FOUND with a clear message rather than a bare FK error
+    now = now_us()
+    cur = conn.execute(
+        "INSERT INTO outbound (sender, recipients, blob_id, created, next_attempt, attempts)"
+        " VALUES (?, ?, ?, ?, ?, 0)",
+        (sender, json.dumps(rcpts), blob.id, now, now),
+    )
+    queue_id = cur.lastrowid
+    assert queue_id is not None
+    return queue_id
+
+
+def outbound(conn: sqlite3.Connection, limit: int = 100) -> list[OutboundRow]:
+    rows = conn.execute(
+        "SELECT o.id, o.sender, o.recipients, o.blob_id, b.size, o.created, o.next_attempt,"
+        " o.attempts, o.last_error FROM outbound o JOIN blobs b ON b.id = o.blob_id"
+        " ORDER BY o.next_attempt, o.id LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [
+        OutboundRow(
+            id=r[0],
+            sender=r[1],
+            recipients=tuple(json.loads(r[2])),
+            blob=BlobRef(r[3], r[4]),
+            created=from_us(r[5]),
+            next_attempt=from_us(r[6]),
+            attempts=r[7],
+            last_error=r[8],
+        )
+        for r in rows
+    ]
