@@ -171,6 +171,12 @@ def test_envelope_from_stored_analysis(c: IMAPClient) -> None:
     assert env.date is not None
 
 
+def test_envelope_address_lists_are_adjacent(w: Wire) -> None:
+    [line, _] = w.cmd("a", "FETCH 1 (ENVELOPE)")
+    # RFC 3501 §9 env-to = "(" 1*address ")": no space between the two addresses.
+    assert b'(("Bob" NIL "bob" "example.test")(NIL NIL "carol" "example.test"))' in line
+
+
 def test_bodystructure_and_body(w: Wire) -> None:
     [line, _] = w.cmd("a", "FETCH 1 (BODYSTRUCTURE)")
     assert line.startswith(b'* 1 FETCH (BODYSTRUCTURE ((("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL '
@@ -184,6 +190,8 @@ def test_bodystructure_and_body(w: Wire) -> None:
     ) in line
     assert b'("ATTACHMENT" ("FILENAME" "data.bin"))' in line
     assert b'"MIXED" ("BOUNDARY" "outer")' in line
+    # RFC 3501 §9 body-type-mpart = 1*body SP media-subtype: parts stand side by side.
+    assert b')("TEXT" "HTML"' in line and b')("MESSAGE" "RFC822"' in line
     [line, _] = w.cmd("b", "FETCH 1 (BODY)")
     assert line.startswith(b'* 1 FETCH (BODY ((("TEXT" "PLAIN" ("CHARSET" "utf-8") NIL NIL '
                            b'"QUOTED-PRINTABLE" %d 2)' % len(P11_BODY))

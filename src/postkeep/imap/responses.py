@@ -268,6 +268,18 @@ class BlobSlice:
             raise ValueError("blob slice offset and length must be non-negative")
 
 
+class Adjacent(tuple):  # type: ignore[type-arg]
+    """Parenthesised lists written side by side with no space between them.
+
+    RFC 3501 §9 writes two constructs this way: the parts of a multipart body
+    (``body-type-mpart = 1*body SP media-subtype``) and the addresses of an address list
+    (``"(" 1*address ")"``), e.g. ``(("a" NIL "b" "c")("d" NIL "e" "f"))``. Everywhere
+    else list items are separated by SP, which strict client parsers insist on too.
+    """
+
+    __slots__ = ()
+
+
 #: What a response can contain. ``str`` is deliberately not an element of ``Sequence``
 #: here: lists are ``list``/``tuple`` only.
 Value: TypeAlias = "int | str | bytes | BlobSlice | list[Value] | tuple[Value, ...] | None"
@@ -462,6 +474,9 @@ def _write(w: _Writer, value: Value, depth: int = 0) -> None:
         _write_string(w, value)
     elif isinstance(value, BlobSlice):
         w.blob(value)
+    elif isinstance(value, Adjacent):
+        for item in value:
+            _write(w, item, depth + 1)
     elif isinstance(value, list | tuple):
         w.buf += b"("
         for i, item in enumerate(value):

@@ -953,13 +953,13 @@ class ImapSession:
                     else:
                         assert item.analysis is not None
                         envelope = item.analysis.envelope
-                    attrs.append(("ENVELOPE", _value(envelope)))
+                    attrs.append(("ENVELOPE", _envelope_value(envelope)))
                 case FetchAtt.BODY:
                     assert item.analysis is not None
-                    attrs.append(("BODY", _value(item.analysis.body)))
+                    attrs.append(("BODY", _body_value(item.analysis.body)))
                 case FetchAtt.BODYSTRUCTURE:
                     assert item.analysis is not None
-                    attrs.append(("BODYSTRUCTURE", _value(item.analysis.bodystructure)))
+                    attrs.append(("BODYSTRUCTURE", _body_value(item.analysis.bodystructure)))
                 case FetchAtt.RFC822:  # RFC 3501 §6.4.5: BODY[]
                     attrs.append(("RFC822", BlobSlice(row.blob, 0, row.size)))
                 case FetchAtt.RFC822_HEADER:  # BODY.PEEK[HEADER]
@@ -1149,6 +1149,40 @@ def _value(obj: object) -> Value:
     if isinstance(obj, list):
         return [_value(x) for x in obj]
     raise TypeError(f"unexpected {type(obj).__name__} in a stored analysis")
+
+
+#: ENVELOPE fields that are address lists (RFC 3501 §7.4.2): from .. bcc.
+_ADDRESS_FIELDS = range(2, 8)
+
+
+def _envelope_value(env: object) -> Value:
+    """ENVELOPE with each address list written as adjacent address structures."""
+    if not isinstance(env, list):
+        return _value(env)
+    out: list[Value] = []
+    for i, item in enumerate(env):
+        if i in _ADDRESS_FIELDS and isinstance(item, list) and item:
+            out.append([r.Adjacent(_value(a) for a in item)])
+        else:
+            out.append(_value(item))
+    return out
+
+
+def _body_value(body: object) -> Value:
+    """BODY/BODYSTRUCTURE: multipart parts adjacent, nested messages converted too."""
+    if not isinstance(body, list) or not body:
+        return _value(body)
+    if isinstance(body[0], list):  # multipart: 1*body SP media-subtype [SP ext]
+        n = next((i for i, x in enumerate(body) if not isinstance(x, list)), len(body))
+        parts = r.Adjacent(_body_value(p) for p in body[:n])
+        return [parts, *(_value(x) for x in body[n:])]
+    out = [_value(x) for x in body]
+    kind = body[0].upper() if isinstance(body[0], str) else ""
+    sub = body[1].upper() if len(body) > 1 and isinstance(body[1], str) else ""
+    if kind == "MESSAGE" and sub in ("RFC822", "GLOBAL") and len(body) > 8:
+        out[7] = _envelope_value(body[7])  # RFC 3501 body-type-msg: envelope SP body
+        out[8] = _body_value(body[8])
+    return out
 
 
 async def _analysis(tx: ReadTx, row: MessageRow) -> mime.Analysis:
