@@ -69,9 +69,19 @@ def write_cert(ca: trustme.CA, directory: Path, *names: str) -> tuple[Path, Path
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all held open at once, so the kernel cannot repeat one."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def write_config(
@@ -85,8 +95,9 @@ def write_config(
     tls_extra: str = "",
 ) -> Path:
     ports = ports or {}
+    fresh = iter(free_ports(len(services)))
     listeners = "\n".join(
-        f'{s} = "127.0.0.1:{ports.get(s, free_port())}"' for s in services
+        f'{s} = "127.0.0.1:{ports.get(s) or next(fresh)}"' for s in services
     )
     text = f"""
 hostname = "{HOSTNAME}"

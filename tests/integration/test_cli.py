@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from server_harness import run_postkeep
+from server_harness import free_ports, run_postkeep
 
 from postkeep.config.load import load_config
 from postkeep.config.schema import DEV_PORT_OFFSET, SERVICE_PORTS, Service
@@ -94,18 +94,13 @@ def test_configuration_error_names_file_and_key(tmp_path: Path) -> None:
     assert result.returncode == 2 and "bogus_key" in result.stderr
 
 
-def test_serve_runs_what_init_wrote(tmp_path: Path) -> None:
+def test_serve_runs_what_init_wrote_on_all_seven_ports(tmp_path: Path) -> None:
     # The same steps as `make run`, on ports picked for the test instead of 10000+N.
     cfg = init(tmp_path)
-    ports = {}
-    text = cfg.read_text()
-    for service in ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s",
-                    "http"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports[service] = s.getsockname()[1]
+    services = ("smtp", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "http")
+    ports = dict(zip(services, free_ports(len(services)), strict=True))
     lines = []
-    for line in text.splitlines():
+    for line in cfg.read_text().splitlines():
         key = line.split("=")[0].strip()
         if key in ports and "=" in line and line.lstrip()[0] != "#":
             line = f'{key} = "127.0.0.1:{ports[key]}"'
@@ -113,18 +108,31 @@ def test_serve_runs_what_init_wrote(tmp_path: Path) -> None:
     cfg.write_text("\n".join(lines) + "\n")
     assert run_postkeep("--config", str(cfg), "user", "add", "demo@example.test",
                         "--password-stdin", stdin="demo-pw\n").returncode == 0
+    log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "postkeep", "serve", "--config", str(cfg)],
-                            stderr=subprocess.PIPE)
+                            stderr=log)
+    # What each port says first: a plaintext greeting, or (implicit TLS) a TLS handshake.
+    plain = {"smtp": b"220 ", "submission": b"220 ", "imap": b"* OK ", "pop3": b"+OK"}
+    implicit = {"submissions": b"220 ", "imaps": b"* OK ", "pop3s": b"+OK"}
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
     try:
         deadline = time.monotonic() + 20
         while True:
             try:
-                with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=5) as s:
-                    assert s.noop()[0] == 250
+                socket.create_connection(("127.0.0.1", ports["smtp"]), timeout=1).close()
                 break
             except OSError:
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.1)
+        for service, greeting in {**plain, **implicit}.items():
+            sock = socket.create_connection(("127.0.0.1", ports[service]), timeout=10)
+            if service in implicit:
+                sock = ctx.wrap_socket(sock)
+            with sock:
+                assert sock.recv(100).startswith(greeting), service
     finally:
         proc.terminate()
         assert proc.wait(20) == 0
+        log.close()
