@@ -9,7 +9,10 @@ Invariants:
   the caller may acknowledge the data (SMTP 250, IMAP OK) only after that point.
 - UIDs in a mailbox strictly increase and are never reused; UIDVALIDITY never changes for
   the life of a mailbox; every change to a message raises the mailbox's HIGHESTMODSEQ.
-- Message bytes are stored exactly as given.
+- Message bytes are stored exactly as given, and freed with the last message or queue
+  entry that refers to them.
+- What a write transaction did to mailboxes is published on ``store.changes`` only after
+  its COMMIT, never for a transaction or call that was rolled back.
 - Failures are reported as ``StorageError`` with one of a small set of kinds; protocol
   layers map kinds to their own replies in one table each.
 - Addresses and domain names are stored lower-case (the local part of an address is

@@ -4,8 +4,9 @@
 the outbound queue — in one SQLite file in WAL mode. Modules: ``connection`` (how a
 connection is opened, error translation), ``migrate`` (numbered ``schema/NNNN_name.sql``
 files), ``ops`` (the SQL of each operation), ``tx`` (the async transaction objects),
-``writer`` (the writer thread and group commit), ``store`` (the ``Store`` itself and the
-reader pool).
+``writer`` (the writer thread and group commit), ``feed`` (the in-process change feed the
+writer publishes to after each COMMIT), ``store`` (the ``Store`` itself and the reader
+pool).
 
 Invariants:
 - No SQLite call runs on the event loop thread: the writer has one thread, each reader

@@ -753,8 +753,9 @@ def rename_mailbox(
         ).fetchone()
         if row is not None and row[0] not in ids:
             raise StorageError(StorageErrorKind.EXISTS, f"mailbox {name!r} already exists")
-    # Two steps: a new name may be the old name of another member of the family (renaming
-    # "a/b" to "a" turns "a/b/b" into "a/b"), and UNIQUE is checked row by row.
+    # Two steps, through names no client can create (NUL): a new name may be the old name
+    # of another member of the family, and UNIQUE is checked row by row. Renaming "a/b" to
+    # "a" turns "a/b/b/c" into "a/b/c" while "a/b/c" (to become "a/c") may still be there.
     conn.executemany(
         "UPDATE mailboxes SET name = ? WHERE id = ?",
         [(f"\x00renaming {mid}", mid) for mid, _ in renames],
