@@ -35,7 +35,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Callable
 from typing import Final
 
@@ -52,7 +51,7 @@ from postkeep.imap.protocol import (
 )
 from postkeep.imap.responses import BlobSlice, Condition, Continuation, Output, Response
 from postkeep.imap.session import ImapSession
-from postkeep.net.stream import ShuttingDown, Stream
+from postkeep.net.stream import ShuttingDown, Stream, upgrade
 from postkeep.store.api import BlobRef, ReadTx, StorageError, StorageErrorKind, Store
 from postkeep.tls.policy import TlsContext
 
@@ -192,7 +191,10 @@ async def serve(
                 break
             if isinstance(event, StartTls):
                 assert tls_context is not None, "the core offers STARTTLS only with TLS"
-                if not await _upgrade(stream, core, event.tag, tls_context()):
+                go_ahead = core.send(r.tagged(event.tag, Condition.OK, TEXT_BEGIN_TLS))
+                if not await upgrade(stream, go_ahead=_bytes_only(go_ahead),
+                                     forget=core.start_tls, ctx=tls_context(),
+                                     protocol="imap"):
                     break
                 continue
             reply = await session.handle(event, writer.emit)
@@ -218,32 +220,6 @@ async def serve(
         await asyncio.wait_for(stream.drain(), 5.0)
     except TimeoutError:
         stream.abort()
-
-
-async def _upgrade(
-    stream: Stream,
-    core: ImapServer,
-    tag: str,
-    ctx: TlsContext,
-) -> bool:
-    stream.pause_reading()  # 1. nothing more is read as plaintext
-    # 2. the go-ahead (RFC 9051 §6.2.1): the core checks it and stops parsing
-    out = core.send(r.tagged(tag, Condition.OK, TEXT_BEGIN_TLS))
-    stream.write(b"".join(p for p in out if isinstance(p, bytes)))
-    dropped = core.start_tls() + stream.take_buffer()  # 3. RFC 2595 §3.1: discard, forget
-    if dropped:
-        logger.warning("imap.starttls.plaintext_dropped", extra={"bytes": len(dropped)})
-    try:
-        await stream.start_tls(ctx)  # 4. loop.start_tls(); it resumes reading itself
-    except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
-        logger.info("tls.handshake.failed", extra={"error": type(exc).__name__})
-        return False
-    obj = stream.ssl_object
-    if obj is not None:
-        cipher = obj.cipher()
-        log.bind(tls=f"{obj.version()} {cipher[0] if cipher else ''}".strip())
-    logger.info("imap.starttls.ok")
-    return True
 
 
 async def _idle(
@@ -306,3 +282,9 @@ async def _idle(
         for task in (reader, watcher):
             if task is not None and not task.done():
                 task.cancel()
+
+
+def _bytes_only(out: list[bytes | BlobSlice]) -> bytes:
+    """Core output that can hold no message data (e.g. a status response)."""
+    assert all(isinstance(p, bytes) for p in out)
+    return b"".join(p for p in out if isinstance(p, bytes))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from postkeep import log
 from postkeep.config.schema import Address, Mode, Service
 from postkeep.net.stream import Stream
-from postkeep.tls.policy import TlsContext
+from postkeep.tls.policy import TlsContext, describe
 
 logger = log.get_logger("net")
 
@@ -198,8 +198,10 @@ class Listener:
             if stream is None:
                 return
             self._tracker.streams.add(stream)
-            tls = _describe(stream)
-            logger.info("conn.open", extra={"tls": tls} if tls else {})
+            obj = stream.ssl_object
+            if obj is not None:
+                log.bind(tls=describe(obj))
+            logger.info("conn.open")
             await self._handler(stream, info)
         except Exception:
             logger.exception("conn.crashed")
@@ -273,14 +275,6 @@ class Listener:
                     break
                 received += len(chunk)
         conn.close()
-
-
-def _describe(stream: Stream) -> str:
-    obj = stream.ssl_object
-    if obj is None:
-        return ""
-    cipher = obj.cipher()
-    return f"{obj.version()} {cipher[0] if cipher else ''}".strip()
 
 
 def _ssl_reason(exc: BaseException) -> str:

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Callable
 from typing import Any
 
-from postkeep.tls.policy import TlsContext
+from postkeep import log
+from postkeep.tls.policy import TlsContext, describe
+
+logger = log.get_logger("net")
 
 DEFAULT_MAX_BUFFER = 256 * 1024
 
@@ -192,3 +196,32 @@ class Stream(asyncio.Protocol):
             await asyncio.wait_for(asyncio.shield(self._closed), timeout)
         except TimeoutError:
             self.abort()
+
+
+async def upgrade(
+    stream: Stream, *, go_ahead: bytes, forget: Callable[[], bytes], ctx: TlsContext,
+    protocol: str,
+) -> bool:
+    """The STARTTLS/STLS upgrade, the same four steps for every protocol (STYLE.md).
+
+    ``go_ahead`` is the core's rendered "ready for TLS" reply; ``forget`` is the core's
+    ``start_tls()``, which drops what the core had buffered and resets its state. Returns
+    False when the handshake fails (the caller closes the connection).
+    """
+    stream.pause_reading()  # 1. nothing more is read as plaintext
+    stream.write(go_ahead)  # 2. the go-ahead: a real client sends its ClientHello only now
+    # 3. Anything already read was sent before the go-ahead: hostile or broken, never a
+    #    command (RFC 3207 §4.2, RFC 2595 §3.1/§4; CVE-2011-0411). Discard and log it.
+    dropped = forget() + stream.take_buffer()
+    if dropped:
+        logger.warning(f"{protocol}.starttls.plaintext_dropped", extra={"bytes": len(dropped)})
+    try:
+        await stream.start_tls(ctx)  # 4. loop.start_tls(); it resumes reading itself
+    except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+        logger.info("tls.handshake.failed", extra={"error": type(exc).__name__})
+        return False
+    obj = stream.ssl_object
+    if obj is not None:
+        log.bind(tls=describe(obj))
+    logger.info(f"{protocol}.starttls.ok")
+    return True

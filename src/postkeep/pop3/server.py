@@ -23,12 +23,11 @@ Invariants:
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Callable
 from typing import Final
 
 from postkeep import log
-from postkeep.net.stream import ShuttingDown, Stream
+from postkeep.net.stream import ShuttingDown, Stream, upgrade
 from postkeep.pop3 import replies
 from postkeep.pop3.protocol import NEED_DATA, ConnectionClosed, Pop3Server, ProtocolError, Stls
 from postkeep.pop3.session import Pop3Session
@@ -80,7 +79,9 @@ async def serve(
                 break
             if isinstance(event, Stls):
                 assert tls_context is not None, "the core offers STLS only with TLS"
-                if not await _upgrade(stream, core, tls_context()):
+                if not await upgrade(stream, go_ahead=core.send(replies.BEGIN_TLS),
+                                     forget=core.start_tls, ctx=tls_context(),
+                                     protocol="pop3"):
                     break
                 continue
             reply = await session.handle(event)
@@ -98,22 +99,3 @@ async def serve(
         except Exception:
             logger.exception("pop3.session.close_failed")
     await stream.drain()
-
-
-async def _upgrade(stream: Stream, core: Pop3Server, ctx: TlsContext) -> bool:
-    stream.pause_reading()  # 1. nothing more is read as plaintext
-    stream.write(core.send(replies.BEGIN_TLS))  # 2. "+OK Begin TLS negotiation"
-    dropped = core.start_tls() + stream.take_buffer()  # 3. RFC 2595 §4: discard, forget
-    if dropped:
-        logger.warning("pop3.stls.plaintext_dropped", extra={"bytes": len(dropped)})
-    try:
-        await stream.start_tls(ctx)  # 4. loop.start_tls(); it resumes reading itself
-    except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
-        logger.info("tls.handshake.failed", extra={"error": type(exc).__name__})
-        return False
-    obj = stream.ssl_object
-    if obj is not None:
-        cipher = obj.cipher()
-        log.bind(tls=f"{obj.version()} {cipher[0] if cipher else ''}".strip())
-    logger.info("pop3.stls.ok")
-    return True

@@ -15,11 +15,10 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Callable
 
 from postkeep import log
-from postkeep.net.stream import ShuttingDown, Stream
+from postkeep.net.stream import ShuttingDown, Stream, upgrade
 from postkeep.smtp import replies
 from postkeep.smtp.protocol import (
     NEED_DATA,
@@ -94,7 +93,9 @@ async def serve(
                     break
                 case StartTls():
                     assert tls_context is not None, "the core offers STARTTLS only with TLS"
-                    if not await _upgrade(stream, core, tls_context()):
+                    if not await upgrade(stream, go_ahead=core.send(replies.READY_FOR_TLS),
+                                         forget=core.start_tls, ctx=tls_context(),
+                                         protocol="smtp"):
                         break
                     session.tls_started(stream)
                     continue
@@ -119,22 +120,3 @@ async def serve(
         session.abandon()
         stream.write(replies.TEMP_ERROR.render())
     await stream.drain()
-
-
-async def _upgrade(stream: Stream, core: SmtpServer, ctx: TlsContext) -> bool:
-    stream.pause_reading()  # 1. nothing more is read as plaintext
-    stream.write(core.send(replies.READY_FOR_TLS))  # 2. "220 2.0.0 Ready to start TLS"
-    dropped = core.start_tls() + stream.take_buffer()  # 3. RFC 3207 §4.2: discard, forget
-    if dropped:
-        logger.warning("smtp.starttls.plaintext_dropped", extra={"bytes": len(dropped)})
-    try:
-        await stream.start_tls(ctx)  # 4. loop.start_tls(); it resumes reading itself
-    except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
-        logger.info("tls.handshake.failed", extra={"error": type(exc).__name__})
-        return False
-    obj = stream.ssl_object
-    if obj is not None:
-        cipher = obj.cipher()
-        log.bind(tls=f"{obj.version()} {cipher[0] if cipher else ''}".strip())
-    logger.info("smtp.starttls.ok")
-    return True
