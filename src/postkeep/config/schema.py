@@ -115,6 +115,35 @@ class AuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsConfig:
+    """[dns]: how outbound delivery and the probe resolve names."""
+
+    nameservers: tuple[str, ...] = ()  # "127.0.0.1" or "127.0.0.1:5353"; empty: the system's
+    timeout: float = 5.0  # seconds for one query (all retries included)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundConfig:
+    """[outbound]: delivery of mail to other servers (queue/)."""
+
+    mx_port: int = 25  # port of the receiving MX (tests use a high port)
+    relay: str = ""  # "host:port" of a smarthost; empty: deliver to each domain's MX
+    relay_security: str = "tls"  # "tls" (implicit TLS, 465) or "starttls" (587)
+    relay_username: str = ""
+    relay_password_file: Path | None = None  # the relay password, read at start (never in TOML)
+    require_tls: tuple[str, ...] = ()  # domains whose mail needs TLS with a verified certificate
+    ca_file: Path | None = None  # extra CAs to verify peers with (private CAs, tests)
+    mta_sts_port: int = 443  # port of https://mta-sts.<domain>/ (tests use a high port)
+    retry_initial: float = 300.0  # first retry after a 4xx or connection failure, then doubled
+    retry_max: float = 3600.0  # the longest wait between two attempts
+    give_up_after: float = 432_000.0  # 5 days, then a bounce (RFC 5321 §4.5.4.1: 4-5 days)
+    delay_notice_after: float = 14_400.0  # a "delayed" DSN after 4 hours (RFC 3464)
+    concurrency: int = 20  # deliveries at once, in total
+    per_domain_concurrency: int = 4  # connections at once to one destination domain
+    connect_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path  # the file this was loaded from (error messages, relative paths)
     hostname: str
@@ -125,6 +154,8 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     storage: StorageConfig = StorageConfig()
     auth: AuthConfig = AuthConfig()
+    dns: DnsConfig = DnsConfig()
+    outbound: OutboundConfig = OutboundConfig()
     log_level: str = "info"  # top-level log_level: "trace", "debug", "info", "warning"
 
     def enabled(self, service: Service) -> tuple[Address, ...]:
