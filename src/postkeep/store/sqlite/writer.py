@@ -15,6 +15,14 @@ An ``asyncio.Lock`` (documented FIFO-fair) admits one write transaction at a tim
             batch.done resolves → turns 1 and 3 return from ``async with``; turn 2 had
             already re-raised its own exception.
 
+Round trips between the event loop and the writer thread are what a turn costs while it
+holds the lock, so a turn makes as few as it can: ``SAVEPOINT tx`` runs in the same trip
+as the turn's first operation, and the turn's end (``RELEASE tx`` or the rollback to it) is
+queued on the writer thread without waiting for it before the lock is handed on — the
+thread is FIFO, so it runs before anything of the next turn. Whether the end worked is
+decided in the thread: a failure there poisons the batch, which the next operation and the
+COMMIT step (both in the thread, both after it) see.
+
 At the end of its turn a transaction hands the lock to the next waiter if there is one, the
 batch has fewer than ``batch_cap`` members and has been open less than ``batch_window``
 seconds; the batch stays open and the transaction awaits ``batch.done``. Otherwise it
@@ -91,6 +99,15 @@ class _TransactionLost(Exception):
         self.error = error
 
 
+class _Turn:
+    """One write transaction's savepoint, as the writer thread sees it."""
+
+    __slots__ = ("open",)
+
+    def __init__(self) -> None:
+        self.open = False  # SAVEPOINT tx was issued (set and read in the writer thread only)
+
+
 class _Batch:
     """One SQLite transaction shared by consecutive turns, and its COMMIT's outcome."""
 
@@ -100,8 +117,12 @@ class _Batch:
         self.done = done  # result: committed; exception: nobody may acknowledge
         self.opened = opened  # loop.time() at BEGIN
         self.members = 0
+        # Set in the writer thread (or on the loop after a failed trip); once set, no
+        # statement runs in the batch any more.
         self.poisoned: StorageError | None = None
-        self.changes: list[Change] = []  # of the turns that ended well, published on COMMIT
+        # Of the turns whose RELEASE worked, appended in the writer thread; read on the loop
+        # only after the COMMIT (queued behind every RELEASE) returned.
+        self.changes: list[Change] = []
 
 
 # ---------------------------------------------------------------- in the writer thread
@@ -160,6 +181,53 @@ def _in_batch(
     return result
 
 
+def _in_turn(
+    conn: sqlite3.Connection,
+    batch: _Batch,
+    turn: _Turn,
+    op: Callable[[sqlite3.Connection], T],
+    savepoint: str | None,
+) -> T:
+    """One operation of a turn; the turn's first one opens its savepoint in the same trip."""
+    if batch.poisoned is not None:
+        raise StorageError(
+            StorageErrorKind.TEMP, f"the write transaction failed: {batch.poisoned.detail}"
+        )
+    try:
+        if not turn.open:
+            _in_batch(conn, _savepoint_tx, None)
+            turn.open = True
+        return _in_batch(conn, op, savepoint)
+    except _TransactionLost as e:
+        if batch.poisoned is None:
+            batch.poisoned = e.error
+        raise
+
+
+def _end_in_turn(
+    conn: sqlite3.Connection, batch: _Batch, turn: _Turn, failed: bool, changes: Sequence[Change]
+) -> None:
+    """Release (or undo) the turn's savepoint; on failure poison the batch. Never raises."""
+    if not turn.open or batch.poisoned is not None:
+        return  # no statement ran for this turn, or nothing may run in the batch any more
+    try:
+        if not conn.in_transaction:
+            raise _TransactionLost(
+                StorageError(StorageErrorKind.TEMP, "the write transaction was lost")
+            )
+        try:
+            (_rollback_tx if failed else _release_tx)(conn)
+        except sqlite3.Error as e:
+            # The savepoint could not be released or undone: this batch's state is not one
+            # we can vouch for, so nobody in it may be told "committed".
+            raise _TransactionLost(convert(e, "ending a write turn")) from e
+    except _TransactionLost as e:
+        batch.poisoned = e.error
+        return
+    if not failed:
+        batch.changes.extend(changes)
+
+
 def _savepoint_tx(conn: sqlite3.Connection) -> None:
     conn.execute("SAVEPOINT tx")
 
@@ -176,6 +244,19 @@ def _rollback_tx(conn: sqlite3.Connection) -> None:
 def _commit(conn: sqlite3.Connection) -> None:
     # synchronous=FULL: returns only after the WAL (commit frame included) is fsynced.
     conn.execute("COMMIT")
+
+
+def _commit_batch(conn: sqlite3.Connection, batch: _Batch) -> StorageError | None:
+    """COMMIT unless the batch was poisoned (decided here, after every queued turn end)."""
+    if batch.poisoned is not None:
+        return batch.poisoned
+    if not conn.in_transaction:
+        return StorageError(StorageErrorKind.TEMP, "the write transaction was lost")
+    try:
+        _commit(conn)
+    except sqlite3.Error as e:
+        return convert(e, "committing")
+    return None
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -234,18 +315,34 @@ class Writer:
         return await asyncio.get_running_loop().run_in_executor(executor, call)
 
     async def _batch_thread(
-        self, batch: _Batch, op: Callable[[sqlite3.Connection], T], savepoint: str | None
+        self, batch: _Batch, turn: _Turn, op: Callable[[sqlite3.Connection], T],
+        savepoint: str | None,
     ) -> T:
         if batch.poisoned is not None:
             raise StorageError(
                 StorageErrorKind.TEMP, f"the write transaction failed: {batch.poisoned.detail}"
             )
         try:
-            return await self._thread(lambda conn: _in_batch(conn, op, savepoint))
+            return await self._thread(lambda conn: _in_turn(conn, batch, turn, op, savepoint))
         except _TransactionLost as e:
             if batch.poisoned is None:
                 batch.poisoned = e.error
             raise e.error from None
+
+    def _post(self, fn: Callable[[sqlite3.Connection], None]) -> None:
+        """Queue ``fn(conn)`` on the writer thread without waiting; ``fn`` never raises."""
+        executor = self._executor
+        assert executor is not None, "turns end before close() stops the executor"
+
+        def call() -> None:
+            conn = self._conn
+            if conn is not None:
+                try:
+                    fn(conn)
+                except BaseException:
+                    log.exception("store.sqlite.writer_post_failed")
+
+        executor.submit(call)
 
     def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         # Strong references until done (the loop keeps only weak ones), and close() waits.
@@ -320,7 +417,8 @@ class Writer:
     # -- turns
 
     async def begin(self) -> _Batch:
-        """Wait for the turn; the returned batch has an open SAVEPOINT for this turn."""
+        """Wait for the turn; the returned batch is open (its SAVEPOINT comes with the
+        turn's first operation)."""
         if self._closing or self._executor is None:
             raise StorageError(StorageErrorKind.TEMP, "the store is closed or closing")
         me = asyncio.current_task()
@@ -337,6 +435,13 @@ class Writer:
             raise
         self._waiting -= 1
         self._holder = me
+        batch = self._batch
+        if batch is not None:
+            # Handed on into an open batch: nothing to wait for, so no await between taking
+            # the lock and returning — the caller's cancellation cannot fall in between.
+            batch.members += 1
+            self._stats.write_transactions += 1
+            return batch
         # Holding the lock: from here exactly one _end_turn() must follow, whatever happens
         # to the caller, so the steps run in a task the caller's cancellation cannot stop.
         start = self._spawn(self._start())
@@ -348,15 +453,12 @@ class Writer:
 
     async def _start(self) -> _Batch:
         try:
-            if self._batch is None:
-                await self._thread(_begin_immediate)
-                loop = asyncio.get_running_loop()
-                self._batch = _Batch(loop.create_future(), loop.time())
-            batch = self._batch
-            await self._batch_thread(batch, _savepoint_tx, None)
+            await self._thread(_begin_immediate)
         except BaseException:
-            await self._end_turn()
+            self._end_turn()
             raise
+        loop = asyncio.get_running_loop()
+        batch = self._batch = _Batch(loop.create_future(), loop.time())
         batch.members += 1
         self._stats.write_transactions += 1
         return batch
@@ -365,72 +467,74 @@ class Writer:
         """The caller of begin() was cancelled: end the turn it would have had."""
         if start.cancelled() or start.exception() is not None:
             return  # _start() already ended the turn
-        self._spawn(self._finish(start.result(), failed=True))
+        self.end_nowait(start.result(), _Turn(), failed=True)
 
-    async def end(self, batch: _Batch, *, failed: bool, changes: Sequence[Change] = ()) -> None:
+    def end_nowait(
+        self, batch: _Batch, turn: _Turn, *, failed: bool, changes: Sequence[Change] = ()
+    ) -> None:
+        """End this turn: queue its RELEASE (or rollback) and hand the lock on, or start the
+        COMMIT. The outcome for the turn is ``batch.done``. Never raises, never waits."""
+        # Always queued: an operation of this turn may still be running in the thread (its
+        # caller was cancelled), and only the thread knows whether it opened the savepoint.
+        self._post(lambda conn: _end_in_turn(conn, batch, turn, failed, changes))
+        self._end_turn()
+
+    async def end(
+        self, batch: _Batch, turn: _Turn, *, failed: bool, changes: Sequence[Change] = ()
+    ) -> None:
         """End this turn; unless ``failed``, return once the batch's COMMIT succeeded.
 
         ``changes`` (the turn's) are published after that COMMIT, unless ``failed``.
         """
-        # If the caller is cancelled here it stops waiting, but the protocol carries on.
-        await asyncio.shield(self._spawn(self._finish(batch, failed=failed, changes=changes)))
-
-    async def _finish(self, batch: _Batch, *, failed: bool, changes: Sequence[Change] = ()) -> None:
-        if batch.poisoned is None:
-            try:
-                await self._batch_thread(batch, _rollback_tx if failed else _release_tx, None)
-            except StorageError as e:
-                # The savepoint could not be released or undone: this batch's state is not
-                # one we can vouch for, so nobody in it may be told "committed".
-                if batch.poisoned is None:
-                    batch.poisoned = e
-            else:
-                if not failed:
-                    # Read only now: the turn's last operation has finished in the writer
-                    # thread (the RELEASE queued behind it), so the list is complete.
-                    batch.changes.extend(changes)
-        await self._end_turn()
+        self.end_nowait(batch, turn, failed=failed, changes=changes)
         if not failed:
-            await batch.done  # raises the batch's StorageError if it did not commit
+            # If the caller is cancelled here it stops waiting; the batch carries on.
+            await asyncio.shield(batch.done)  # raises the StorageError if it did not commit
 
-    async def _end_turn(self) -> None:
+    def _end_turn(self) -> None:
         """Hand the lock to the next turn, or finish the batch and release. Never raises."""
         batch = self._batch
+        self._holder = None  # the body is over, even while the COMMIT still holds the lock
+        if (
+            batch is not None
+            and batch.poisoned is None
+            and self._waiting > 0
+            and batch.members < self._batch_cap
+            and asyncio.get_running_loop().time() - batch.opened < self._batch_window
+        ):
+            # Hand on: the next turn joins this batch. A poisoning still queued in the
+            # writer thread is seen there by the next turn's first operation and the COMMIT.
+            self._lock.release()
+            return
+        self._batch = None
+        if batch is None:
+            self._lock.release()
+            return
+        self._spawn(self._commit_and_release(batch))
+
+    async def _commit_and_release(self, batch: _Batch) -> None:
         try:
-            if batch is None:
-                return
-            if (
-                batch.poisoned is None
-                and self._waiting > 0
-                and batch.members < self._batch_cap
-                and asyncio.get_running_loop().time() - batch.opened < self._batch_window
-            ):
-                return  # hand on: the next turn joins this batch; batch.done is awaited
-            self._batch = None
             await self._finish_batch(batch)
         finally:
-            self._holder = None
             self._lock.release()
 
     async def _finish_batch(self, batch: _Batch) -> None:
         """COMMIT (or roll back a poisoned batch) and tell every member. Never raises."""
-        error = batch.poisoned
+        try:
+            error = await self._thread(lambda conn: _commit_batch(conn, batch))
+        except StorageError as e:
+            error = e
+        except BaseException as e:  # e.g. the loop cancels this task at shutdown
+            batch.done.set_exception(
+                StorageError(StorageErrorKind.TEMP, f"commit interrupted: {e!r}")
+            )
+            batch.done.exception()  # mark retrieved: members may all be gone
+            raise
         if error is None:
-            try:
-                await self._thread(_commit)
-            except StorageError as e:
-                error = e
-            except BaseException as e:  # e.g. the loop cancels this task at shutdown
-                batch.done.set_exception(
-                    StorageError(StorageErrorKind.TEMP, f"commit interrupted: {e!r}")
-                )
-                batch.done.exception()  # mark retrieved: members may all be gone
-                raise
-            else:
-                self._stats.commits += 1
-                self._publish_changes(batch)
-                batch.done.set_result(None)
-                return
+            self._stats.commits += 1
+            self._publish_changes(batch)
+            batch.done.set_result(None)
+            return
         log.error(
             "store.sqlite.batch_failed",
             extra={"members": batch.members, "error": error.detail},
@@ -468,7 +572,7 @@ class Writer:
     async def _adopt(self) -> None:
         await self._lock.acquire()
         self._holder = asyncio.current_task()
-        await self._end_turn()
+        self._end_turn()
 
 
 class _WriteContext(AbstractAsyncContextManager[WriteTx]):
@@ -496,19 +600,24 @@ class _WriteContext(AbstractAsyncContextManager[WriteTx]):
     ) -> None:
         assert self._batch is not None and self._runner is not None and self._tx is not None
         self._runner.active = False
-        await self._writer.end(self._batch, failed=exc is not None, changes=self._tx.changes)
+        await self._writer.end(
+            self._batch, self._runner.turn, failed=exc is not None, changes=self._tx.changes
+        )
 
 
 class _WriteRunner:
-    __slots__ = ("active", "batch", "writer")
+    __slots__ = ("active", "batch", "turn", "writer")
 
     def __init__(self, writer: Writer, batch: _Batch) -> None:
         self.writer = writer
         self.batch = batch
+        self.turn = _Turn()
         self.active = True
 
     async def run(self, op: Callable[[sqlite3.Connection], T], *, changes: bool) -> T:
         if not self.active:
             raise RuntimeError("this write transaction has ended")
         # Writes get a savepoint of their own so a failed call leaves no partial changes.
-        return await self.writer._batch_thread(self.batch, op, "op" if changes else None)
+        return await self.writer._batch_thread(
+            self.batch, self.turn, op, "op" if changes else None
+        )
