@@ -40,7 +40,9 @@ from postkeep.config.schema import (
     Address,
     AuthConfig,
     Config,
+    DnsConfig,
     LimitsConfig,
+    OutboundConfig,
     SecurityConfig,
     Service,
     StorageConfig,
@@ -61,7 +63,10 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "limits": tuple(f.name for f in dataclasses.fields(LimitsConfig)),
     "storage": tuple(f.name for f in dataclasses.fields(StorageConfig)),
     "auth": tuple(f.name for f in dataclasses.fields(AuthConfig)),
+    "dns": tuple(f.name for f in dataclasses.fields(DnsConfig)),
+    "outbound": tuple(f.name for f in dataclasses.fields(OutboundConfig)),
 }
+RELAY_SECURITY = ("tls", "starttls")
 #: RFC 5321 §4.5.3.1.4: a server must accept command lines of 512 octets.
 MIN_LINE_LENGTH = 512
 _DSN_SCHEMES = ("postgresql://", "postgres://")
@@ -460,12 +465,178 @@ def _load_storage(file: Path, doc: Mapping[str, Any]) -> StorageConfig:
     return storage
 
 
+def _duration(reader: _Reader, key: str, default: float) -> float:
+    value = reader.get(key, float, "a number of seconds", default)
+    if not (math.isfinite(value) and value > 0):
+        raise reader.error(key, f"must be a positive number of seconds, got {value}")
+    return value
+
+
+def _port(reader: _Reader, key: str, default: int) -> int:
+    value = reader.get(key, int, "a port number (integer)", default)
+    if not 1 <= value <= 65535:
+        raise reader.error(key, f"port {value} is out of range 1-65535")
+    return value
+
+
+def _count(reader: _Reader, key: str, default: int) -> int:
+    value = reader.get(key, int, "an integer", default)
+    if value < 1:
+        raise reader.error(key, f"must be positive, got {value}")
+    return value
+
+
+def _optional_path(reader: _Reader, base: Path, key: str) -> Path | None:
+    value = reader.get(key, str, 'a file path (string), or "" for none', "")
+    return _resolve(base, value) if value else None
+
+
+def _check_readable(reader: _Reader, key: str, path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except FileNotFoundError:
+        raise reader.error(key, f"{_toml_str(str(path))}: no such file") from None
+    except IsADirectoryError:
+        raise reader.error(key, f"{_toml_str(str(path))} is a directory, not a file") from None
+    except OSError as exc:
+        raise reader.error(
+            key, f"{_toml_str(str(path))}: cannot read ({exc.strerror or exc})"
+        ) from None
+
+
+def _nameserver(text: str) -> str | None:
+    """A problem with a ``[dns] nameservers`` entry: "ip", "ip:port" or "[v6]:port"."""
+    try:
+        ipaddress.ip_address(text)
+        return None
+    except ValueError:
+        pass
+    try:
+        parse_address(text)
+    except ValueError as exc:
+        return f"{exc}; write an IP address, optionally with :port"
+    return None
+
+
+def _load_dns(file: Path, doc: Mapping[str, Any]) -> DnsConfig:
+    reader = _Reader(file, "dns", _table(file, doc, "dns"))
+    defaults = DnsConfig()
+    raw = reader.get("nameservers", list, "a list of addresses", list(defaults.nameservers))
+    servers: list[str] = []
+    for item in raw:
+        if not isinstance(item, str):
+            raise reader.error(
+                "nameservers", f"expected a list of strings, found {_describe_type(item)}"
+            )
+        problem = _nameserver(item)
+        if problem:
+            raise reader.error("nameservers", problem)
+        servers.append(item)
+    return DnsConfig(
+        nameservers=tuple(servers), timeout=_duration(reader, "timeout", defaults.timeout)
+    )
+
+
+def _relay_problem(text: str) -> str | None:
+    """A problem with ``[outbound] relay``: "host:port", host a name or an IP address."""
+    if text.startswith("["):
+        try:
+            parse_address(text)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        return f"{_toml_str(text)} is not of the form host:port (for example smtp.example.net:465)"
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        return f"{_toml_str(text)}: the port must be a number in 1-65535"
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        problem = _check_hostname(host)
+        if problem:
+            return problem
+    return None
+
+
+def _load_outbound(
+    file: Path, base: Path, doc: Mapping[str, Any], *, check_files: bool
+) -> OutboundConfig:
+    reader = _Reader(file, "outbound", _table(file, doc, "outbound"))
+    d = OutboundConfig()
+    relay = reader.get("relay", str, 'a "host:port" string, or ""', d.relay)
+    if relay:
+        problem = _relay_problem(relay)
+        if problem:
+            raise reader.error("relay", problem)
+    security = reader.get("relay_security", str, "a string", d.relay_security)
+    if security not in RELAY_SECURITY:
+        raise reader.error(
+            "relay_security",
+            f'{_toml_str(security)} is not one of {", ".join(RELAY_SECURITY)} (there is no '
+            "plaintext relay: a password must never cross the network unencrypted)",
+        )
+    username = reader.get("relay_username", str, "a string", d.relay_username)
+    password_file = _optional_path(reader, base, "relay_password_file")
+    if username and not relay:
+        raise reader.error("relay_username", 'is set, but relay is ""; set relay = "host:port"')
+    if username and password_file is None:
+        raise reader.error(
+            "relay_password_file",
+            "missing; relay_username is set, so the relay password must be in this file",
+        )
+    if password_file is not None and not username:
+        raise reader.error(
+            "relay_password_file", "is set, but relay_username is empty; set both or neither"
+        )
+    if password_file is not None and check_files:
+        _check_readable(reader, "relay_password_file", password_file)
+    raw_domains = reader.get("require_tls", list, "a list of domains", list(d.require_tls))
+    domains: list[str] = []
+    for item in raw_domains:
+        if not isinstance(item, str):
+            raise reader.error(
+                "require_tls", f"expected a list of domains (strings), found {_describe_type(item)}"
+            )
+        problem = _check_hostname(item)
+        if problem:
+            raise reader.error("require_tls", problem)
+        domains.append(item.lower())
+    ca_file = _optional_path(reader, base, "ca_file")
+    if ca_file is not None and check_files:
+        _check_readable(reader, "ca_file", ca_file)
+    retry_initial = _duration(reader, "retry_initial", d.retry_initial)
+    retry_max = _duration(reader, "retry_max", d.retry_max)
+    if retry_max < retry_initial:
+        raise reader.error(
+            "retry_max", f"must be at least retry_initial ({retry_initial}), got {retry_max}"
+        )
+    return OutboundConfig(
+        mx_port=_port(reader, "mx_port", d.mx_port),
+        relay=relay,
+        relay_security=security,
+        relay_username=username,
+        relay_password_file=password_file,
+        require_tls=tuple(domains),
+        ca_file=ca_file,
+        mta_sts_port=_port(reader, "mta_sts_port", d.mta_sts_port),
+        retry_initial=retry_initial,
+        retry_max=retry_max,
+        give_up_after=_duration(reader, "give_up_after", d.give_up_after),
+        delay_notice_after=_duration(reader, "delay_notice_after", d.delay_notice_after),
+        concurrency=_count(reader, "concurrency", d.concurrency),
+        per_domain_concurrency=_count(reader, "per_domain_concurrency", d.per_domain_concurrency),
+        connect_timeout=_duration(reader, "connect_timeout", d.connect_timeout),
+    )
+
+
 def load_config(path: Path, *, check_tls_files: bool = True) -> Config:
     """Read and validate ``path``. Raises ``ConfigError`` naming file and key.
 
-    ``check_tls_files=False`` skips reading the certificate and key (for commands such as
-    ``postkeep user list`` run by a user who may not read the private key); ``serve``
-    always checks them.
+    ``check_tls_files=False`` skips reading the certificate and key, the relay password
+    file and the CA file (for commands such as ``postkeep user list`` run by a user who
+    may not read the private key); ``serve`` always checks them.
     """
     file = Path(path)
     try:
@@ -508,6 +679,8 @@ def load_config(path: Path, *, check_tls_files: bool = True) -> Config:
     limits = _section(file, doc, "limits", LimitsConfig)
     storage = _load_storage(file, doc)
     auth = _section(file, doc, "auth", AuthConfig)
+    dns = _load_dns(file, doc)
+    outbound = _load_outbound(file, base, doc, check_files=check_tls_files)
     if check_tls_files:
         _check_pair(file, tls)
     return Config(
@@ -520,6 +693,8 @@ def load_config(path: Path, *, check_tls_files: bool = True) -> Config:
         limits=limits,
         storage=storage,
         auth=auth,
+        dns=dns,
+        outbound=outbound,
         log_level=log_level,
     )
 
@@ -618,6 +793,44 @@ _COMMENTS: dict[tuple[str | None, str], tuple[str, ...]] = {
     ("auth", "max_delay"): ("seconds: the longest delay added to a failed login",),
     ("auth", "failures_before_lockout"): ("failed logins before the client is locked out",),
     ("auth", "lockout_seconds"): ("how long a lockout lasts",),
+    ("dns", "nameservers"): (
+        'resolvers to ask, "ip" or "ip:port"; [] uses the',
+        "system's (/etc/resolv.conf); DNSSEC-validating for DANE",
+    ),
+    ("dns", "timeout"): ("seconds for one query, retries included",),
+    ("outbound", "mx_port"): ("port of the receiving MX (RFC 5321: 25)",),
+    ("outbound", "relay"): (
+        '"host:port" of a smarthost to send all mail through;',
+        '"" delivers to each domain\'s MX (RFC 5321 §5.1)',
+    ),
+    ("outbound", "relay_security"): (
+        '"tls" (implicit TLS, port 465) or "starttls" (587);',
+        "TLS is always required and verified (RFC 8314)",
+    ),
+    ("outbound", "relay_username"): ("AUTH user at the relay; \"\" for no AUTH",),
+    ("outbound", "relay_password_file"): (
+        "file holding the relay password, read at start",
+        "(never put the password itself in this file)",
+    ),
+    ("outbound", "require_tls"): (
+        "domains whose mail needs TLS with a verified",
+        "certificate (otherwise: MTA-STS, DANE, opportunistic)",
+    ),
+    ("outbound", "ca_file"): ('extra CAs for verifying peers (private CAs); "": none',),
+    ("outbound", "mta_sts_port"): ("port of https://mta-sts.<domain>/ (RFC 8461: 443)",),
+    ("outbound", "retry_initial"): ("seconds before the first retry after a 4xx; doubled",),
+    ("outbound", "retry_max"): ("seconds: the longest wait between two attempts",),
+    ("outbound", "give_up_after"): (
+        "seconds after which undelivered mail is returned",
+        "to the sender (RFC 5321 §4.5.4.1: 4-5 days)",
+    ),
+    ("outbound", "delay_notice_after"): (
+        "seconds after which the sender is told, once, that",
+        "the message is still waiting (RFC 3464 delayed DSN)",
+    ),
+    ("outbound", "concurrency"): ("deliveries at once, in total",),
+    ("outbound", "per_domain_concurrency"): ("connections at once to one destination",),
+    ("outbound", "connect_timeout"): ("seconds to connect to a remote server",),
 }
 
 _SECTION_COMMENTS: dict[str, tuple[str, ...]] = {
@@ -630,6 +843,11 @@ _SECTION_COMMENTS: dict[str, tuple[str, ...]] = {
     "limits": (),
     "storage": (),
     "auth": ("Throttling of failed logins, per client address.",),
+    "dns": ("How outbound delivery and the probe resolve names.",),
+    "outbound": (
+        "Delivery of mail to other servers: the queue and its retries. Mail that cannot",
+        "be delivered is returned to its sender with a delivery status notification.",
+    ),
 }
 
 _COMMENT_COLUMN = 38
@@ -644,6 +862,10 @@ def _line(section: str | None, key: str, value: object) -> list[str]:
     lines = [f"{text.ljust(column)}# {comment[0]}"]
     lines.extend(f"{'':{column}}# {more}" for more in comment[1:])
     return lines
+
+
+def _or_empty(value: object) -> object:
+    return "" if value is None else value
 
 
 def render_config(
@@ -662,6 +884,8 @@ def render_config(
     limits: LimitsConfig | None = None,
     storage: StorageConfig | None = None,
     auth: AuthConfig | None = None,
+    dns: DnsConfig | None = None,
+    outbound: OutboundConfig | None = None,
 ) -> str:
     """The ``postkeep.toml`` that ``postkeep init`` writes: every key, each with a comment.
 
@@ -712,8 +936,12 @@ def render_config(
         ("limits", limits or LimitsConfig()),
         ("storage", storage or StorageConfig()),
         ("auth", auth or AuthConfig()),
+        ("dns", dns or DnsConfig()),
+        ("outbound", outbound or OutboundConfig()),
     ):
-        section(name, [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)])
+        # An unset optional path (None) is written as "", which load_config reads as None.
+        section(name, [(f.name, _or_empty(getattr(obj, f.name)))
+                       for f in dataclasses.fields(obj)])
     return "\n".join(out) + "\n"
 
 
