@@ -174,6 +174,26 @@ class Stream(asyncio.Protocol):
         self._transport = new
         self.tls_active = True
 
+    async def start_tls_client(
+        self, ctx: TlsContext, server_hostname: str, timeout: float = 30.0
+    ) -> None:
+        """Upgrade to TLS as the client (outbound STARTTLS), the mirror of ``start_tls``.
+
+        The caller must have taken the buffer first: bytes the server sent after its 220
+        are dropped, never read as if they had come through TLS (response injection).
+        ``server_hostname`` is sent as SNI and, if ``ctx`` checks names, verified.
+        """
+        assert self._transport is not None
+        assert not self._buffer, "unread plaintext must be discarded before the handshake"
+        self._reading_paused = False
+        new = await self._loop.start_tls(
+            self._transport, self, ctx, server_side=False, server_hostname=server_hostname,
+            ssl_handshake_timeout=timeout,
+        )
+        assert isinstance(new, asyncio.Transport)
+        self._transport = new
+        self.tls_active = True
+
     # -- info and closing -------------------------------------------------------------
     def extra(self, name: str) -> Any:
         return None if self._transport is None else self._transport.get_extra_info(name)
