@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from postkeep.cli import accounts, init, serve
+from postkeep.cli import accounts, init, probe, serve
 from postkeep.cli.common import CliError
 from postkeep.errors import ConfigError
 
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_parser(sub, common)
     serve.add_parser(sub, common)
     accounts.add_parsers(sub, common)
+    probe.add_parser(sub, common)
     return parser
 
 
