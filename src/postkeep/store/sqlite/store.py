@@ -15,7 +15,8 @@ Invariants:
   uncommitted changes of a write transaction open in the same task.
 - Each reader connection is used only by its own single thread, so the operations of one
   transaction run in order even when the caller is cancelled halfway; a connection goes
-  back to the pool only after its transaction has ended.
+  back to the pool once the end of its transaction is queued on that thread (FIFO), so
+  the next transaction's BEGIN runs only after it — without a round trip to wait for it.
 - Do not wait for ``write()`` while holding a read transaction: with every reader held
   that way, a write body that reads would wait forever.
 - ``close()`` closes the change feed after the last COMMIT was published: every
@@ -27,12 +28,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from postkeep.store.api import (
     ChangeFeed,
@@ -73,6 +74,20 @@ class _Reader:
                 raise convert(e) from e
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, run)
+
+    def post(self, fn: Callable[[sqlite3.Connection], None]) -> None:
+        """Queue ``fn(conn)`` on this reader's thread without waiting; errors are logged."""
+
+        def run() -> None:
+            conn = self.conn
+            if conn is not None:
+                try:
+                    fn(conn)
+                except Exception:
+                    # Nothing to lose in a read-only transaction; _begin_read() cleans up.
+                    log.exception("store.sqlite.read_end_failed")
+
+        self.executor.submit(run)
 
 
 def _begin_read(conn: sqlite3.Connection) -> None:
@@ -130,7 +145,6 @@ class SqliteStore:
         self._pool: asyncio.Queue[_Reader] | None = None
         self._readers: list[_Reader] = []
         self._state = "new"  # new → open → closed
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def open(self) -> None:
         if self._state == "open":
@@ -175,8 +189,6 @@ class SqliteStore:
             # Taking every reader back means every read transaction has ended.
             for _ in self._readers:
                 await self._pool.get()
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._shutdown_readers()
 
     async def _shutdown_readers(self) -> None:
@@ -200,27 +212,16 @@ class SqliteStore:
     def write(self) -> AbstractAsyncContextManager[WriteTx]:
         return self._writer.context()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     async def _checkout(self) -> _Reader:
         if self._state != "open" or self._pool is None:
             raise StorageError(StorageErrorKind.TEMP, "the store is closed or not open")
         return await self._pool.get()
 
-    async def _checkin(self, reader: _Reader) -> None:
-        """End the reader's transaction (queued after its last operation), then pool it."""
-        try:
-            await reader.call(_end_read)
-        except StorageError:
-            # Nothing to lose in a read-only transaction; _begin_read() cleans up.
-            log.exception("store.sqlite.read_end_failed")
-        finally:
-            assert self._pool is not None
-            self._pool.put_nowait(reader)
+    def _checkin(self, reader: _Reader) -> None:
+        """Queue the end of the reader's transaction (after its last operation), pool it."""
+        reader.post(_end_read)
+        assert self._pool is not None
+        self._pool.put_nowait(reader)
 
 
 class _ReadContext(AbstractAsyncContextManager[ReadTx]):
@@ -239,9 +240,9 @@ class _ReadContext(AbstractAsyncContextManager[ReadTx]):
         try:
             await reader.call(_begin_read)
         except BaseException:
-            # Also on cancellation: BEGIN may still run in the reader's thread; the checkin
-            # queues behind it, so the connection returns to the pool clean.
-            self._store._spawn(self._store._checkin(reader))
+            # Also on cancellation: BEGIN may still run in the reader's thread; the end of
+            # the transaction queues behind it, so the connection returns to the pool clean.
+            self._store._checkin(reader)
             raise
         self._runner = _ReadRunner(reader)
         return SqliteReadTx(self._runner)
@@ -254,8 +255,7 @@ class _ReadContext(AbstractAsyncContextManager[ReadTx]):
     ) -> None:
         assert self._reader is not None and self._runner is not None
         self._runner.active = False
-        # Shielded: a cancelled caller must not leave the connection out of the pool.
-        await asyncio.shield(self._store._spawn(self._store._checkin(self._reader)))
+        self._store._checkin(self._reader)
 
 
 class _ReadRunner:
