@@ -83,6 +83,8 @@ def mail_domain(host: str, explicit: str | None) -> str | None:
         ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         labels = host.rstrip(".").lower().split(".")
+        if len(labels) < 2:
+            return None  # "localhost": no mail domain to look up
         return ".".join(labels[1:]) if len(labels) > 2 else ".".join(labels)
     return None
 

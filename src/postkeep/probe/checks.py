@@ -645,6 +645,8 @@ def judge(rep: PortReport) -> PortReport:
                 )
             if cert.trusted is False and cert.verify_error:
                 weak.append(f"certificate not trusted: {cert.verify_error}{mta_sts}")
+            if cert.self_signed:
+                rep.notes.append("self-signed certificate: every mail program must trust it")
             if cert.key_type == "RSA" and cert.key_bits < MIN_RSA_BITS:
                 weak.append(f"RSA key of {cert.key_bits} bits (use at least {MIN_RSA_BITS})")
     rep.reasons = insecure + weak

@@ -2,7 +2,9 @@
 
 Only what a connection-security check needs: the greeting, EHLO (RFC 5321 §4.1.1.1) with
 its keywords, STARTTLS (RFC 3207), one AUTH PLAIN attempt, NOOP and QUIT. The outbound
-queue has its own full client core (``smtp/client.py``); this one stays small on purpose.
+queue's full client core (``smtp/client.py``) rightly refuses what a probe must do — AUTH
+before TLS (with fake credentials, ``--active``) and a command pipelined after STARTTLS
+(the injection test) — so the probe keeps this small exchange of its own.
 
 Invariants:
 - No I/O: imports none of asyncio, ssl, socket, logging or postkeep.store.
