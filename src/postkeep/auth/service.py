@@ -10,6 +10,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -33,12 +34,27 @@ class LoginResult:
     address: str | None = None  # the account, when OK
 
 
+#: Told each login's outcome and service (None: the connection's); ``web.metrics`` counts.
+LoginObserver = Callable[[str, str | None], None]
+
+
 class Authenticator:
-    def __init__(self, store: Store, throttle: Throttle) -> None:
+    def __init__(
+        self, store: Store, throttle: Throttle, *, on_login: LoginObserver | None = None
+    ) -> None:
         self._store = store
         self._throttle = throttle
+        self._on_login = on_login
 
-    async def login(self, username: str, password: str, peer_ip: str) -> LoginResult:
+    async def login(
+        self, username: str, password: str, peer_ip: str, service: str | None = None
+    ) -> LoginResult:
+        result = await self._login(username, password, peer_ip)
+        if self._on_login is not None:
+            self._on_login(result.outcome.value, service)
+        return result
+
+    async def _login(self, username: str, password: str, peer_ip: str) -> LoginResult:
         user = username.strip().lower()
         verdict = self._throttle.check(peer_ip, user)
         if not verdict.allowed:

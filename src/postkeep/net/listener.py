@@ -24,6 +24,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from postkeep import log
 from postkeep.config.schema import Address, Mode, Service
@@ -50,6 +51,13 @@ class ConnInfo:
 
 
 Handler = Callable[[Stream, ConnInfo], Awaitable[None]]
+
+
+class ConnectionMetrics(Protocol):
+    """What a listener reports for metrics (``web.metrics.Metrics`` implements it)."""
+
+    def connection_opened(self, service: Service, tls_version: str | None) -> None: ...
+    def connection_upgraded(self, service: Service, tls_version: str | None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -101,6 +109,7 @@ class Listener:
         tls: Callable[[], TlsContext] | None = None,
         plaintext_hint: bytes = b"",
         hint_timeout: float = 5.0,
+        metrics: ConnectionMetrics | None = None,
     ) -> None:
         if mode is Mode.IMPLICIT and tls is None:
             raise ValueError("an implicit-TLS listener needs a TLS context")
@@ -112,6 +121,7 @@ class Listener:
         self._tls = tls
         self.plaintext_hint = plaintext_hint
         self._hint_timeout = hint_timeout
+        self._metrics = metrics
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
 
@@ -202,6 +212,8 @@ class Listener:
             if obj is not None:
                 log.bind(tls=describe(obj))
             logger.info("conn.open")
+            if self._metrics is not None:
+                self._metrics.connection_opened(self.service, obj.version() if obj else None)
             await self._handler(stream, info)
         except Exception:
             logger.exception("conn.crashed")
@@ -209,6 +221,9 @@ class Listener:
             self._tracker.release(ip)
             if stream is not None:
                 self._tracker.streams.discard(stream)
+                upgraded = stream.ssl_object if self.mode is Mode.STARTTLS else None
+                if self._metrics is not None and upgraded is not None:
+                    self._metrics.connection_upgraded(self.service, upgraded.version())
                 stream.close()
                 await stream.wait_closed()
             else:
