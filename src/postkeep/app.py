@@ -17,6 +17,8 @@ import os
 import signal
 from collections.abc import Callable
 
+from prometheus_client import CollectorRegistry
+
 from postkeep import __version__, log
 from postkeep.auth.service import Authenticator
 from postkeep.auth.throttle import Throttle
@@ -53,6 +55,8 @@ from postkeep.smtp.submission import SubmissionSession
 from postkeep.store import make_store
 from postkeep.store.api import Store
 from postkeep.tls.policy import TlsContext, TlsPolicy
+from postkeep.web.metrics import Metrics
+from postkeep.web.server import WebServer
 
 logger = log.get_logger("app")
 
@@ -71,7 +75,9 @@ class App:
             failures_before_lockout=limits.failures_before_lockout,
             lockout_seconds=limits.lockout_seconds,
         )
-        self.auth = Authenticator(self.store, self.throttle)
+        # Its own registry, never prometheus_client's global one (web/metrics.py).
+        self.metrics = Metrics(CollectorRegistry())
+        self.auth = Authenticator(self.store, self.throttle, on_login=self.metrics.login)
         self.ingest = Ingest(self.store, config.hostname)
         self.imap_recent = RecentClaims()  # \Recent is per process (imap/selected.py)
         self.tracker = ConnectionTracker(
@@ -80,6 +86,7 @@ class App:
             )
         )
         self.listeners: list[Listener] = []
+        self.web: WebServer | None = None
         self.ports = Ports({})
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -90,7 +97,7 @@ class App:
             logger.warning("tls.legacy_clients_enabled", extra={"versions": "TLSv1 TLSv1.1"})
         for service in Service:
             if service is Service.HTTP:
-                continue  # the web endpoints come with the probe/autoconfig work
+                continue  # aiohttp, not a Listener: self.web (web/server.py), below
             handler = self._handler_for(service)
             if handler is None:
                 continue
@@ -104,6 +111,7 @@ class App:
                     tracker=self.tracker,
                     tls=self._context_for(service),
                     hint_timeout=self.config.security.implicit_tls_hint_timeout,
+                    metrics=self.metrics,
                 )
                 listener.bind()
                 self.listeners.append(listener)
@@ -111,6 +119,12 @@ class App:
         for listener in self.listeners:
             ports.setdefault(listener.service, listener.port)
         self.ports = Ports(ports)
+        if self.config.enabled(Service.HTTP):
+            self.web = WebServer(config=self.config, store=self.store, tls=self.tls,
+                                 ports=lambda: self.ports, metrics=self.metrics)
+            self.web.bind()
+        self.metrics.watch(store=self.store, open_connections=lambda: self.tracker.total,
+                           certificate=lambda: self.tls.cert_info)
         for listener in self.listeners:
             hint = IMPLICIT_HINTS.get(listener.service)
             if hint is not None:
@@ -118,6 +132,8 @@ class App:
         await self.store.open()
         for listener in self.listeners:
             listener.start()
+        if self.web is not None:
+            await self.web.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.tls.watch()))
         logger.info("server.started", extra={"hostname": self.config.hostname})
 
@@ -257,6 +273,8 @@ class App:
         logger.info("server.stopping")
         for listener in self.listeners:
             await listener.stop_accepting()
+        if self.web is not None:
+            await self.web.stop()
         for stream in list(self.tracker.streams):
             stream.interrupt_idle()
         pending = set(self.tracker.tasks)
