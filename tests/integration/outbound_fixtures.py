@@ -229,6 +229,9 @@ class _SMTP(SMTP):  # type: ignore[misc]
         super().connection_made(transport)
 
     async def push(self, status: Any) -> None:
+        greeting = self._receiver.greeting
+        if greeting and isinstance(status, str) and status.startswith(f"220 {self.hostname}"):
+            status = greeting
         inject = self._receiver.inject_after_starttls
         if inject and isinstance(status, str) and status.startswith("220 Ready to start TLS"):
             # In the same write as the 220, as a man in the middle would send them.
@@ -236,6 +239,12 @@ class _SMTP(SMTP):  # type: ignore[misc]
             await self._writer.drain()
             return
         await super().push(status)
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._receiver.refuse_starttls:
+            await self.push(self._receiver.refuse_starttls)
+            return
+        await super().smtp_STARTTLS(arg)
 
     async def smtp_AUTH(self, arg: str) -> None:
         self._receiver.auth_attempts += 1
@@ -257,7 +266,9 @@ class Receiver:
 
     ``starttls``: a server context to offer STARTTLS with; ``implicit_tls``: TLS from the
     first byte instead. ``rcpt_replies`` maps a recipient to the reply it gets
-    (``"451 4.2.0 try later"``); ``data_reply`` replaces the final reply.
+    (``"451 4.2.0 try later"``); ``data_reply`` replaces the final reply; ``greeting``
+    replaces the 220 greeting (``"554 5.3.2 go away"``); ``refuse_starttls`` is the reply
+    to STARTTLS instead of 220 (``"454 4.7.0 TLS not available"``).
     """
 
     address: str
@@ -268,6 +279,8 @@ class Receiver:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
     inject_after_starttls: bytes = b""
+    greeting: str | None = None
+    refuse_starttls: str | None = None
     messages: list[Received] = field(default_factory=list)
     connections: int = 0
     rsets: int = 0

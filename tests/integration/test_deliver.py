@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -86,6 +87,55 @@ async def test_falls_back_to_second_mx_when_first_refuses_connections(remote: Re
     report = await remote.deliverer().deliver("a@sender.test", ["b@remote.test"], MESSAGE)
     assert codes(report) == [250] and report.host == "mx2.remote.test"
     assert len(mx2.messages) == 1
+
+
+async def test_5xx_greeting_moves_on_to_the_next_mx(remote: Remote) -> None:
+    mx1 = remote.add_mx("remote.test", "mx1.remote.test", "127.0.0.2", 10,
+                        greeting="554 5.3.2 Not accepting mail now")
+    mx2 = remote.add_mx("remote.test", "mx2.remote.test", "127.0.0.3", 20)
+    report = await remote.deliverer().deliver("a@sender.test", ["b@remote.test"], MESSAGE)
+    assert codes(report) == [250] and report.host == "mx2.remote.test"
+    assert mx1.connections == 1 and not mx1.messages and len(mx2.messages) == 1
+
+
+async def test_starttls_refused_continues_in_plaintext_on_the_same_connection(
+    remote: Remote,
+) -> None:
+    mx = remote.add_mx("remote.test", "mx1.remote.test", "127.0.0.2",
+                       refuse_starttls="454 4.7.0 TLS not available due to temporary reason")
+    report = await remote.deliverer().deliver("a@sender.test", ["b@remote.test"], MESSAGE)
+    assert codes(report) == [250] and report.tls is None
+    assert mx.connections == 1 and not mx.messages[0].tls
+
+
+async def test_failed_handshake_is_retried_once_in_plaintext(remote: Remote) -> None:
+    # A server whose handshake always fails: it demands a client certificate.
+    ctx = server_context(remote.ca, "mx1.remote.test")
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    remote.ca.configure_trust(ctx)
+    remote.zone.mx("remote.test", 10, "mx1.remote.test")
+    remote.zone.a("mx1.remote.test", "127.0.0.2")
+    mx = Receiver("127.0.0.2", remote.port, name="mx1.remote.test", starttls=ctx).start()
+    remote.receivers.append(mx)
+    report = await remote.deliverer().deliver("a@sender.test", ["b@remote.test"], MESSAGE)
+    assert codes(report) == [250] and report.tls is None and not report.verified
+    assert mx.connections == 3  # verifying TLS, opportunistic TLS, then plaintext once
+    assert not mx.messages[0].tls
+
+
+async def test_failed_handshake_is_deferred_where_tls_is_required(remote: Remote) -> None:
+    ctx = server_context(remote.ca, "mx1.remote.test")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    remote.ca.configure_trust(ctx)
+    remote.zone.mx("remote.test", 10, "mx1.remote.test")
+    remote.zone.a("mx1.remote.test", "127.0.0.2")
+    mx = Receiver("127.0.0.2", remote.port, name="mx1.remote.test", starttls=ctx).start()
+    remote.receivers.append(mx)
+    report = await remote.deliverer(require_tls=("remote.test",)).deliver(
+        "a@sender.test", ["b@remote.test"], MESSAGE)
+    assert [(r.code, r.permanent) for r in report.results] == [(0, False)]
+    assert mx.connections == 1 and not mx.messages
 
 
 async def test_plaintext_only_where_starttls_is_not_offered(remote: Remote) -> None:

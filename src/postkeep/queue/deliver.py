@@ -153,6 +153,10 @@ class _Failed(Exception):
         self.final = final  # retrying another address would not help (relay only)
 
 
+class _StartTlsRefused(_Failed):
+    """A 4xx/5xx to STARTTLS: the session goes on in plaintext (RFC 3207 §4)."""
+
+
 class _Lost(Exception):
     """The connection broke (EOF, timeout, unframable reply, 421) during a command."""
 
@@ -503,7 +507,16 @@ class Deliverer:
                     return conn  # nothing to negotiate: plaintext (RFC 3207 §4)
                 if level == "plain":
                     return conn  # the one plaintext retry after a failed handshake
-                await self._starttls(conn, level, host)
+                try:
+                    await self._starttls(conn, level, host)
+                except _StartTlsRefused as exc:
+                    if req.verified_tls:
+                        raise
+                    # RFC 3207 §4: after a refusal the session continues in plaintext;
+                    # reconnecting would only be refused again.
+                    logger.info("queue.delivery.starttls_refused",
+                                extra={"host": host, "address": address, "reason": exc.reason})
+                    return conn
                 return conn
             except _Failed as exc:
                 await conn.quit(self._timeouts.quit)
@@ -523,24 +536,40 @@ class Deliverer:
         except _Lost as exc:
             raise _Failed(exc.reason) from None
         if r.reply.code != 220:
-            # RFC 3207 §4: a refusal leaves the session in plaintext. Opportunistic delivery
-            # carries on without TLS: treat it as the plaintext level.
-            raise _Failed(f"{conn.peer} refused STARTTLS: {r.reply.code} {reply_text(r.reply)}",
-                          tls=True)
+            if conn.core.state is State.CLOSED:
+                raise _Failed(f"{conn.peer} closed the connection at STARTTLS: "
+                              f"{r.reply.code} {reply_text(r.reply)}")
+            raise _StartTlsRefused(
+                f"{conn.peer} refused STARTTLS: {r.reply.code} {reply_text(r.reply)}")
         try:
             await conn.upgrade(self._context(level), server_hostname, t.tls_handshake)
         except ssl.SSLCertVerificationError as exc:
-            if level == "verify":
-                self._unverifiable[server_hostname] = time.monotonic() + UNVERIFIABLE_MEMORY
+            self._verify_failed(level, server_hostname)
             raise _Failed(
                 f"certificate of {conn.peer} did not verify for {server_hostname}: "
                 f"{exc.verify_message}", tls=True,
             ) from None
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            self._verify_failed(level, server_hostname)
             raise _Failed(f"TLS handshake with {conn.peer} failed: {type(exc).__name__}",
                           tls=True) from None
         conn.verified = level == "verify"
-        await self._ehlo(conn)  # RFC 3207 §4.2: everything learnt before is forgotten
+        try:
+            await self._ehlo(conn)  # RFC 3207 §4.2: everything learnt before is forgotten
+        except _Failed as exc:
+            # With TLS 1.3 a server that rejects the handshake (a client certificate it
+            # wanted, say) says so only after our side finished: count it as TLS failing.
+            raise _Failed(exc.reason, tls=True) from None
+
+    def _verify_failed(self, level: str, host: str) -> None:
+        """Remember for a while that ``host`` cannot do verified TLS (a TLS 1.2 floor and
+        a valid certificate): opportunistic deliveries then skip the verifying attempt."""
+        if level != "verify":
+            return
+        now = time.monotonic()
+        if len(self._unverifiable) > 10_000:
+            self._unverifiable = {h: t for h, t in self._unverifiable.items() if t > now}
+        self._unverifiable[host] = now + UNVERIFIABLE_MEMORY
 
     # -- relay ---------------------------------------------------------------------------
     async def _deliver_relay(
