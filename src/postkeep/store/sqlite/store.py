@@ -11,8 +11,10 @@ Invariants:
   an up-to-date file is a no-op; ``close()`` waits for in-flight transactions, closes every
   connection and stops every thread; it is safe to call twice.
 - A read transaction is one SQLite read transaction on one reader connection: a consistent
-  snapshot taken at ``__aenter__``. It does not see writes committed after that, nor the
-  uncommitted changes of a write transaction open in the same task.
+  snapshot taken by its first operation (BEGIN runs in the same trip to the reader thread,
+  as PostgreSQL's REPEATABLE READ takes its snapshot at the first statement). It does not
+  see writes committed after that, nor the uncommitted changes of a write transaction
+  open in the same task.
 - Each reader connection is used only by its own single thread, so the operations of one
   transaction run in order even when the caller is cancelled halfway; a connection goes
   back to the pool once the end of its transaction is queued on that thread (FIFO), so
@@ -94,8 +96,8 @@ def _begin_read(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         conn.execute("ROLLBACK")  # a previous transaction that could not be ended cleanly
     conn.execute("BEGIN")
-    # A deferred BEGIN takes its WAL snapshot at the first read; read now, so the snapshot
-    # is the database as of __aenter__ rather than as of the first query.
+    # A deferred BEGIN takes its WAL snapshot at the first read; read now, so every
+    # operation of the transaction, whatever it reads first, sees this one snapshot.
     conn.execute("SELECT count(*) FROM schema_version").fetchone()
 
 
@@ -104,7 +106,12 @@ def _end_read(conn: sqlite3.Connection) -> None:
         conn.execute("COMMIT")  # read-only: nothing to make durable, just ends the snapshot
 
 
-def _in_snapshot(conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]) -> T:
+def _in_snapshot(
+    conn: sqlite3.Connection, runner: _ReadRunner, op: Callable[[sqlite3.Connection], T]
+) -> T:
+    if not runner.begun:  # in the reader thread: the transaction's first operation
+        runner.begun = True
+        _begin_read(conn)
     if not conn.in_transaction:
         # Never answer from outside the snapshot: two queries could disagree.
         raise StorageError(StorageErrorKind.TEMP, "the read snapshot was lost; try again")
@@ -237,13 +244,7 @@ class _ReadContext(AbstractAsyncContextManager[ReadTx]):
             raise RuntimeError("a read() context cannot be entered twice")
         reader = await self._store._checkout()
         self._reader = reader
-        try:
-            await reader.call(_begin_read)
-        except BaseException:
-            # Also on cancellation: BEGIN may still run in the reader's thread; the end of
-            # the transaction queues behind it, so the connection returns to the pool clean.
-            self._store._checkin(reader)
-            raise
+        # No trip to the thread here: BEGIN comes with the first operation.
         self._runner = _ReadRunner(reader)
         return SqliteReadTx(self._runner)
 
@@ -259,15 +260,16 @@ class _ReadContext(AbstractAsyncContextManager[ReadTx]):
 
 
 class _ReadRunner:
-    __slots__ = ("active", "reader")
+    __slots__ = ("active", "begun", "reader")
 
     def __init__(self, reader: _Reader) -> None:
         self.reader = reader
         self.active = True
+        self.begun = False  # set and read in the reader's thread only
 
     async def run(self, op: Callable[[sqlite3.Connection], T], *, changes: bool) -> T:
         if not self.active:
             raise RuntimeError("this read transaction has ended")
         if changes:
             raise RuntimeError("a read transaction cannot change data")
-        return await self.reader.call(lambda conn: _in_snapshot(conn, op))
+        return await self.reader.call(lambda conn: _in_snapshot(conn, self, op))
