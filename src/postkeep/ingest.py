@@ -216,13 +216,23 @@ async def _resolve(tx: ReadTx, recipient: str) -> Resolution:
             known = local_domains[name] = await tx.domain_exists(name)
         return known
 
+    first = f"{local_part}@{domain}".lower()
+    # The common case first: the address is an account. An account's domain always exists
+    # (the store refuses to delete a domain with accounts), so this is the answer the walk
+    # below would give, one question sooner.
+    account = await tx.get_account(first)
+    if account is not None:
+        inbox = await tx.mailbox(account.id, "INBOX")
+        return Resolution(
+            Disposition.LOCAL, accounts=(first,), inboxes=(None if inbox is None else inbox.id,)
+        )
     if not await is_local(domain):
         return Resolution(Disposition.REMOTE, remote=(recipient,))
     accounts: list[str] = []
     inboxes: list[MailboxId | None] = []
     remote: list[str] = []
     seen: set[str] = set()
-    frontier: list[str] = [f"{local_part}@{domain}".lower()]
+    frontier: list[str] = [first]
     for _ in range(ALIAS_DEPTH):
         following: list[str] = []
         for current in frontier:
@@ -233,7 +243,7 @@ async def _resolve(tx: ReadTx, recipient: str) -> Resolution:
             if not await is_local(cur_domain):
                 remote.append(current)
                 continue
-            account = await tx.get_account(current)
+            account = None if current == first else await tx.get_account(current)
             if account is not None:
                 accounts.append(current)
                 inbox = await tx.mailbox(account.id, "INBOX")
