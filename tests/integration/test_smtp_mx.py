@@ -108,3 +108,21 @@ def test_too_many_recipients(make_instance: Callable[..., Instance]) -> None:
         codes = [s.rcpt("alice@example.test")[0] for _ in range(4)]
     assert codes[:3] == [250, 250, 250]
     assert codes[3] == 452
+
+
+def test_account_deleted_between_rcpt_and_data_others_still_receive(server: Instance) -> None:
+    with mx(server) as s:
+        s.ehlo("remote.test")
+        s.mail("someone@remote.test")
+        assert s.rcpt("alice@example.test")[0] == 250
+        assert s.rcpt("bob@example.test")[0] == 250
+
+        async def delete_alice() -> None:
+            async with server.store.write() as tx:
+                await tx.del_account("alice@example.test")
+
+        server.call(delete_alice)
+        code, _ = s.data(MESSAGE)
+        assert code == 250
+    [(_, data)] = server.inbox("bob@example.test")
+    assert data.endswith(MESSAGE)
