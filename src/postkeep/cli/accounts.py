@@ -1,14 +1,54 @@
-"""``postkeep domain|user|alias``: accounts live in the store, so every node sees them."""
+"""``postkeep domain|user|alias``: accounts live in the store, so every node sees them.
+
+``postkeep domain add D`` also makes D's two DKIM keys (``mail/dkim.py``): they live in the
+store too, so every node signs with the same keys. ``postkeep domain dns D`` prints every
+DNS record D needs, as zone-file lines built from this node's configuration (host name,
+the listeners really open and their ports, the certificate) and D's DKIM keys:
+
+==========================  ======  ====================================================
+name                        type    value, and why
+==========================  ======  ====================================================
+D                           MX      ``10 <hostname>.``: mail for D comes here
+D                           TXT     ``v=spf1 mx -all``: only D's MX sends D's mail
+                                    (RFC 7208); postkeep sends from the host it
+                                    receives on
+``_dmarc.D``                TXT     ``v=DMARC1; p=quarantine; rua=mailto:dmarc-reports@D``
+                                    (RFC 7489). Quarantine, not reject: forged mail goes
+                                    to spam, and a legitimate sender forgotten in SPF/DKIM
+                                    (a newsletter service) costs a spam folder, not
+                                    bounces. Raise to ``p=reject`` once the reports are
+                                    clean.
+``<sel>._domainkey.D``      TXT     one per DKIM key (``v=DKIM1; k=…; p=…``)
+``_mta-sts.D``              TXT     ``v=STSv1; id=…`` (RFC 8461 §3.1); the id is a hash
+                                    of the policy the http listener serves, so it changes
+                                    exactly when the policy does (mode follows the
+                                    certificate)
+``_smtp._tls.D``            TXT     ``v=TLSRPTv1; rua=mailto:tls-reports@D`` (RFC 8460)
+``_submissions._tcp.D`` …   SRV     RFC 6186 and RFC 8314 §5.1: the configured port of
+                                    each service, ``0 0 0 .`` when it is switched off
+==========================  ======  ====================================================
+
+Hints that are not records of D's zone (the host's A/AAAA and PTR, the HELO SPF record,
+the autoconfig/autodiscover/mta-sts names the http listener answers) are printed as
+comments.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from postkeep.auth.passwords import generate_password, hash_password
 from postkeep.cli.common import CliError, config_from, read_password, with_store
+from postkeep.config.schema import Config, Service
 from postkeep.mail import address as addr
+from postkeep.mail import dkim
 from postkeep.store.api import Store
+from postkeep.tls.certs import CertError, load_pair
+from postkeep.web import mta_sts
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -127,3 +167,153 @@ def alias_cmd(args: argparse.Namespace) -> int:
 
     with_store(config, act)
     return 0
+
+
+# -- postkeep domain dns ---------------------------------------------------------------
+TTL = 3600
+#: Where aggregate reports go: DMARC (RFC 7489 §7.2) and TLS-RPT (RFC 8460 §3). Both
+#: addresses must take mail: the command says so when neither an account nor an alias
+#: (nor the catch-all) receives it.
+DMARC_REPORTS = "dmarc-reports"
+TLS_REPORTS = "tls-reports"
+DMARC_POLICY = "quarantine"
+#: RFC 6186 §3 labels, the service behind each and its SRV priority (lower is preferred):
+#: implicit TLS before STARTTLS (RFC 8314 §5.1), IMAP before POP3 (RFC 6186 §3.4).
+SRV_SERVICES: tuple[tuple[str, Service, int], ...] = (
+    ("_submissions._tcp", Service.SUBMISSIONS, 0),
+    ("_submission._tcp", Service.SUBMISSION, 10),
+    ("_imaps._tcp", Service.IMAPS, 0),
+    ("_imap._tcp", Service.IMAP, 10),
+    ("_pop3s._tcp", Service.POP3S, 20),
+    ("_pop3._tcp", Service.POP3, 30),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One resource record, in zone-file presentation format."""
+
+    name: str  # absolute, ending in "."
+    rtype: str  # "MX", "TXT", "SRV"
+    data: str  # RDATA as a zone file writes it (TXT: quoted strings)
+    comment: str = ""
+
+    def line(self) -> str:
+        return f"{self.name:<40} {TTL} IN {self.rtype:<5} {self.data}"
+
+
+def txt_data(text: str) -> str:
+    """RFC 1035 §3.3.14: a TXT record is character-strings of at most 255 octets each;
+    a longer text (an RSA-2048 key) is several strings, which readers concatenate
+    (RFC 6376 §3.6.2.2, RFC 7208 §3.3)."""
+    raw = text.encode("ascii")
+    parts = [raw[i : i + 255].decode("ascii") for i in range(0, len(raw), 255)] or [""]
+    return " ".join('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"' for p in parts)
+
+
+def mta_sts_id(policy: str) -> str:
+    """RFC 8461 §3.1: ``id`` is 1-32 alphanumerics and must change when the policy does."""
+    return hashlib.sha256(policy.encode("utf-8")).hexdigest()[:20]
+
+
+def dns_records(
+    config: Config, domain: str, keys: Sequence[dkim.SigningKey], *,
+    mta_sts_policy: str | None,
+) -> list[Record]:
+    """Every record ``domain`` needs for this node's configuration.
+
+    ``mta_sts_policy`` is the policy text the http listener serves, None when nothing
+    serves it (the http listener is off): then no ``_mta-sts`` record is given, since
+    announcing a policy that cannot be fetched only costs senders a failed fetch.
+    """
+    d = domain.rstrip(".").lower()
+    host = config.hostname.rstrip(".").lower() + "."
+    records = [
+        Record(f"{d}.", "MX", f"10 {host}", "mail for the domain comes to this server"),
+        Record(f"{d}.", "TXT", txt_data("v=spf1 mx -all"),
+               "SPF (RFC 7208): only the domain's MX sends its mail"),
+        Record(f"_dmarc.{d}.", "TXT",
+               txt_data(f"v=DMARC1; p={DMARC_POLICY}; rua=mailto:{DMARC_REPORTS}@{d}"),
+               "DMARC (RFC 7489): unaligned mail goes to spam; reports to "
+               f"{DMARC_REPORTS}@{d}"),
+    ]
+    for key in sorted(keys, key=lambda k: (list(dkim.ALGORITHMS).index(k.algorithm)
+                                           if k.algorithm in dkim.ALGORITHMS else 9,
+                                           k.selector)):
+        records.append(Record(
+            dkim.record_name(key.selector, d) + ".", "TXT", txt_data(dkim.dns_txt(key)),
+            f"DKIM {key.algorithm} key (selector {key.selector})"))
+    if mta_sts_policy is not None:
+        records.append(Record(
+            f"_mta-sts.{d}.", "TXT", txt_data(f"v=STSv1; id={mta_sts_id(mta_sts_policy)}"),
+            "MTA-STS (RFC 8461): the policy at https://mta-sts." + d
+            + "/.well-known/mta-sts.txt"))
+    records.append(Record(
+        f"_smtp._tls.{d}.", "TXT", txt_data(f"v=TLSRPTv1; rua=mailto:{TLS_REPORTS}@{d}"),
+        f"TLS-RPT (RFC 8460): TLS failure reports to {TLS_REPORTS}@{d}"))
+    for label, service, priority in SRV_SERVICES:
+        addresses = config.enabled(service)
+        if addresses:
+            records.append(Record(f"{label}.{d}.", "SRV",
+                                  f"{priority} 0 {addresses[0].port} {host}",
+                                  f"RFC 6186: {service.value}"))
+        else:
+            # RFC 6186 §3.4 / RFC 2782: target "." says the service is not offered.
+            records.append(Record(f"{label}.{d}.", "SRV", "0 0 0 .",
+                                  f"RFC 6186: {service.value} is switched off"))
+    return records
+
+
+def dns_hints(config: Config, domain: str, *, missing_reports: Sequence[str] = (),
+              notes: Sequence[str] = ()) -> list[str]:
+    """Comment lines: what else to set up that is not a record of the domain's zone."""
+    d = domain.rstrip(".").lower()
+    host = config.hostname.rstrip(".").lower()
+    hints = [
+        f"{host}. A/AAAA: this server's public addresses; their PTR records should name "
+        f"{host}",
+        f'{host}. TXT "v=spf1 a -all": SPF for the HELO name (RFC 7208 §2.3)',
+    ]
+    if config.enabled(Service.HTTP):
+        hints.append(
+            f"autoconfig.{d}., autodiscover.{d}. and mta-sts.{d}. CNAME {host}.: HTTPS "
+            "(443) to them through the reverse proxy in front of the http listener")
+    else:
+        hints.append("the http listener is off: no autoconfig, autodiscover or MTA-STS "
+                     "policy is served, so no _mta-sts record is given")
+    if config.outbound.relay:
+        hints.append(f"mail leaves through the relay {config.outbound.relay}: add its "
+                     "SPF mechanism (include:…) before -all")
+    for address in missing_reports:
+        hints.append(f"{address} does not receive mail yet: add an account or an alias "
+                     f"(postkeep alias add {address} YOU@{d})")
+    hints.extend(notes)
+    return hints
+
+
+def render_zone(domain: str, records: Sequence[Record], hints: Sequence[str]) -> str:
+    lines = [f"; DNS records for {domain} (postkeep domain dns {domain})", ";"]
+    for record in records:
+        if record.comment:
+            lines.append(f"; {record.comment}")
+        lines.append(record.line())
+    lines.append(";")
+    lines.extend(f"; {hint}" for hint in hints)
+    return "\n".join(lines) + "\n"
+
+
+def mta_sts_policy(config: Config) -> tuple[str | None, list[str]]:
+    """The policy text the http listener serves (None when it is off), and notes."""
+    if not config.enabled(Service.HTTP):
+        return None, []
+    notes: list[str] = []
+    try:
+        mode = mta_sts.policy_mode(load_pair(config.tls.cert, config.tls.key), config.hostname)
+    except CertError as exc:
+        mode = "testing"
+        notes.append(f"the certificate could not be read ({exc}): the MTA-STS id assumes "
+                     "mode testing")
+    if mode == "testing":
+        notes.append("MTA-STS is in mode testing until a CA-issued certificate for "
+                     f"{config.hostname} is installed; run this again then (the id changes)")
+    return mta_sts.policy_text(mode=mode, mx=config.hostname), notes
