@@ -23,6 +23,8 @@ from postkeep import __version__, log
 from postkeep.auth.service import Authenticator
 from postkeep.auth.throttle import Throttle
 from postkeep.config.schema import SERVICE_PORTS, Config, Mode, Service
+from postkeep.dns.resolver import DnsResolver
+from postkeep.errors import ConfigError
 from postkeep.hints import IMPLICIT_HINTS, Ports, pop3_stls_first, smtp_starttls_first
 from postkeep.imap import server as imap_server
 from postkeep.imap.protocol import ImapServer
@@ -45,6 +47,8 @@ from postkeep.pop3 import server as pop3_server
 from postkeep.pop3.protocol import Limits as Pop3Limits
 from postkeep.pop3.protocol import Pop3Server
 from postkeep.pop3.session import Pop3Session
+from postkeep.queue.deliver import Deliverer
+from postkeep.queue.scheduler import Scheduler, node_holder_prefix
 from postkeep.smtp import replies as smtp_replies
 from postkeep.smtp.mx import MxSession
 from postkeep.smtp.protocol import Limits as SmtpLimits
@@ -90,9 +94,13 @@ class App:
         self.ports = Ports({})
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self.deliverer: Deliverer | None = None
+        self.scheduler: Scheduler | None = None
+        self._queue_task: asyncio.Task[None] | None = None
 
     # -- start ------------------------------------------------------------------------
     async def start(self) -> None:
+        relay_password = self._relay_password()  # a config problem fails before binding
         if self.config.tls.legacy_clients:
             logger.warning("tls.legacy_clients_enabled", extra={"versions": "TLSv1 TLSv1.1"})
         for service in Service:
@@ -135,7 +143,44 @@ class App:
         if self.web is not None:
             await self.web.start()
         self._tasks.append(asyncio.get_running_loop().create_task(self.tls.watch()))
+        self._start_queue(relay_password)
         logger.info("server.started", extra={"hostname": self.config.hostname})
+
+    # -- outbound queue ---------------------------------------------------------------
+    def _relay_password(self) -> str | None:
+        path = self.config.outbound.relay_password_file
+        if path is None:
+            return None
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8"
+            raise ConfigError(self.config.path, "[outbound] relay_password_file",
+                              f"cannot read {str(path)!r}: {why}") from None
+        password = text.splitlines()[0] if text else ""
+        if not password:
+            raise ConfigError(self.config.path, "[outbound] relay_password_file",
+                              f"{str(path)!r} is empty; put the relay password on its first line")
+        return password
+
+    def _start_queue(self, relay_password: str | None) -> None:
+        """The outbound scheduler (queue/scheduler.py), after the store is open."""
+        self.deliverer = Deliverer(
+            config=self.config,
+            resolver=DnsResolver(self.config.dns),
+            tls=self.tls,
+            relay_password=relay_password,
+        )
+        self.scheduler = Scheduler(
+            store=self.store,
+            deliverer=self.deliverer,
+            ingest=self.ingest,
+            hostname=self.config.hostname,
+            config=self.config.outbound,
+            holder_prefix=node_holder_prefix(self.config.data_dir, self.config.hostname),
+        )
+        self.ingest.on_enqueue = self.scheduler.wake
+        self._queue_task = asyncio.get_running_loop().create_task(self.scheduler.run())
 
     def _context_for(self, service: Service) -> Callable[[], TlsContext]:
         return lambda: self.tls.server_context(service)
@@ -284,6 +329,14 @@ class App:
                 task.cancel()
             if still:
                 await asyncio.wait(still, timeout=2.0)
+        if self._queue_task is not None:
+            # Interrupted deliveries keep what they recorded; their leases are released,
+            # so the next start delivers the rest at once (queue/scheduler.py).
+            self._queue_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._queue_task
+        if self.deliverer is not None:
+            await self.deliverer.close()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

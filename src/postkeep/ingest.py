@@ -20,7 +20,7 @@ import asyncio
 import io
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -91,6 +91,9 @@ class Ingest:
     def __init__(self, store: Store, hostname: str) -> None:
         self.store = store
         self.hostname = hostname
+        #: Called after a commit that put something on the outbound queue (app.py sets it
+        #: to the scheduler's wake), so delivery starts at once instead of at the next poll.
+        self.on_enqueue: Callable[[], None] | None = None
 
     async def is_local_domain(self, domain: str) -> bool:
         async with self.store.read() as tx:
@@ -156,6 +159,8 @@ class Ingest:
                         raise
             if remote:
                 await tx.enqueue(env.sender, remote, blob)
+        if remote and self.on_enqueue is not None:
+            self.on_enqueue()  # after the COMMIT: the scheduler will find the entry
         logger.info(
             "ingest.accepted",
             extra={"queue_id": queue_id, "size": len(prefix) + size,

@@ -16,12 +16,18 @@ Invariants:
 - Failures are reported as ``StorageError`` with one of a small set of kinds; protocol
   layers map kinds to their own replies in one table each.
 - Addresses and domain names are stored lower-case (the local part of an address is
-  treated case-insensitively by postkeep, as almost every real server does).
+  treated case-insensitively by postkeep, as almost every real server does). Outbound
+  senders and recipients are the exception: a remote local part is case-sensitive
+  (RFC 5321 §2.4), so the queue keeps them as given.
+- An outbound entry leaves the queue only through ``dequeue`` (the scheduler calls it once
+  no recipient is pending any more; the CLI's ``queue delete``). A queue entry is claimed
+  by at most one holder at a time: ``claim_due`` skips entries whose lease has not
+  expired, and ``record_attempt`` changes nothing for a holder whose lease was taken over.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -128,6 +134,43 @@ class OutboundRow:
     last_error: str | None
 
 
+class RecipientState(Enum):
+    """Where delivery to one recipient of a queue entry stands."""
+
+    PENDING = "pending"  # not yet delivered: due again at the entry's next_attempt
+    DELIVERED = "delivered"  # a remote server accepted it (2xx): our responsibility ended
+    FAILED = "failed"  # permanently refused, or given up on: a DSN went to the sender
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRecipient:
+    address: str  # as given to ``enqueue`` (case preserved, RFC 5321 §2.4)
+    state: RecipientState
+    attempts: int  # delivery attempts to this recipient so far
+    last_error: str | None  # the last reply or connection problem, for people to read
+    last_attempt: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """One message on the outbound queue, with per-recipient state."""
+
+    id: QueueId
+    sender: str  # "" for the null reverse-path
+    recipients: tuple[QueueRecipient, ...]  # in the order given to ``enqueue``
+    blob: BlobRef
+    created: datetime  # when it was first queued (``give_up_after`` counts from here)
+    next_attempt: datetime
+    attempts: int  # delivery rounds so far (each ``record_attempt`` that ends a round)
+    delay_notified: bool  # a "delayed" DSN (RFC 3464 Action: delayed) was sent
+    lease_holder: str | None  # who is delivering it now, if the lease is unexpired
+    lease_until: datetime | None
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        return tuple(r.address for r in self.recipients if r.state is RecipientState.PENDING)
+
+
 #: RFC 3501 §2.3.2 system flags, in their canonical spelling. The store compares these
 #: case-insensitively and stores this spelling (\SEEN becomes \Seen); every other flag
 #: (a keyword) is stored and compared exactly as given. \Recent is never stored: it is a
@@ -231,6 +274,8 @@ class ReadTx(Protocol):
     ) -> bytes: ...
     # outbound
     async def outbound(self, limit: int = 100) -> list[OutboundRow]: ...
+    async def queue_entries(self, limit: int = 100) -> list[QueueEntry]:
+        """Queue entries with their recipients, soonest next attempt first (the CLI)."""
 
 
 class WriteTx(ReadTx, Protocol):
@@ -256,7 +301,56 @@ class WriteTx(ReadTx, Protocol):
         envelope: str | None = None,
         bodystructure: str | None = None,
     ) -> Uid: ...
-    async def enqueue(self, sender: str, recipients: Sequence[str], blob: BlobRef) -> QueueId: ...
+    async def enqueue(self, sender: str, recipients: Sequence[str], blob: BlobRef) -> QueueId:
+        """Queue ``blob`` for these recipients (each PENDING, 0 attempts), due at once."""
+
+    async def claim_due(
+        self, now: datetime, limit: int, holder: str, lease_seconds: float
+    ) -> list[QueueEntry]:
+        """Lease up to ``limit`` entries due at ``now`` to ``holder``, oldest due first.
+
+        Due: ``next_attempt <= now``, at least one recipient PENDING, and no lease or an
+        expired one (its holder died: the entry is taken over, so a message is delivered
+        at least once, never zero times). The lease lasts ``lease_seconds`` from ``now``.
+        Claims are atomic: two holders claiming at once never get the same entry (one
+        writer in SQLite; ``FOR UPDATE SKIP LOCKED`` in PostgreSQL). The returned entries
+        show the new lease."""
+
+    async def record_attempt(
+        self,
+        queue_id: QueueId,
+        holder: str,
+        results: Mapping[str, tuple[RecipientState, str | None]],
+        next_attempt: datetime | None = None,
+        delay_notified: bool | None = None,
+    ) -> bool:
+        """Record what one delivery attempt did, if ``holder`` still holds the lease.
+
+        ``results`` maps recipient addresses (as enqueued) to their new state and error
+        text; each one's ``attempts`` goes up by one and ``last_attempt`` becomes the
+        store's now. Recipients not in ``results`` are unchanged; an address the entry
+        does not have is ignored. ``next_attempt`` given: the round is over, the entry is
+        due again then and the lease is released; None: the lease is kept (more results
+        of this round follow). ``delay_notified`` given: the flag is set to it.
+
+        Returns False, changing nothing, when the entry is gone or its lease now belongs
+        to another holder (ours expired and was taken over)."""
+
+    async def release_leases(self, holder_prefix: str) -> int:
+        """Release every lease whose holder starts with ``holder_prefix``; returns how many.
+
+        A node calls this when it starts, for the leases its previous process held when
+        it died, so that delivery resumes at once instead of when the leases expire."""
+
+    async def dequeue(self, queue_id: QueueId) -> bool:
+        """Remove the entry; its bytes are freed if no message or other entry refers to
+        them (as ``expunge`` does). False if there was no such entry."""
+
+    async def retry(self, queue_id: QueueId | None = None) -> int:
+        """Make the entry (every entry, for None) with pending recipients due now.
+
+        Leases are not touched: an entry being delivered stays with its holder. Returns
+        how many entries were changed (0 when ``queue_id`` does not exist)."""
     async def set_flags(
         self,
         mailbox_id: MailboxId,

@@ -20,8 +20,11 @@ Invariants:
 - Every change to a message takes a new modseq from ``highestmodseq + 1`` and stores it
   on the mailbox in the same operation (RFC 7162 §2); one operation (one STORE, one
   EXPUNGE, one COPY) uses one new modseq for all the messages it changes.
-- A blob is deleted in the operation that removes the last message referring to it, if
-  no queue entry refers to it either (``_free_blobs``); nothing else deletes blobs.
+- A blob is deleted in the operation that removes the last message or queue entry
+  referring to it (``expunge``, ``dequeue``, …, through ``_free_blobs``); nothing else
+  deletes blobs.
+- Queue leases (``claim_due``) are taken and checked in the writer's transaction, so two
+  claimers never get the same entry; a recipient's DELIVERED or FAILED state is final.
 - Functions that change mailboxes or messages append what they did, as ``Change``s, to
   their ``log`` argument. ``tx.py`` gives each call a fresh list and keeps it only if the
   call returned; the writer publishes it only after the COMMIT of its batch.
@@ -33,7 +36,7 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, BinaryIO
 
@@ -53,7 +56,10 @@ from postkeep.store.api import (
     MailboxId,
     MessageRow,
     OutboundRow,
+    QueueEntry,
     QueueId,
+    QueueRecipient,
+    RecipientState,
     StorageError,
     StorageErrorKind,
     Uid,
@@ -923,6 +929,10 @@ def enqueue(
     )
     queue_id = cur.lastrowid
     assert queue_id is not None
+    conn.executemany(
+        "INSERT INTO outbound_rcpts (queue_id, position, address) VALUES (?, ?, ?)",
+        [(queue_id, i, r) for i, r in enumerate(rcpts)],
+    )
     return queue_id
 
 
@@ -946,3 +956,183 @@ def outbound(conn: sqlite3.Connection, limit: int = 100) -> list[OutboundRow]:
         )
         for r in rows
     ]
+
+
+_ENTRY_COLUMNS = (
+    "o.id, o.sender, o.blob_id, b.size, o.created, o.next_attempt, o.attempts,"
+    " o.delay_notified, o.lease_holder, o.lease_until"
+)
+
+
+def _entries(conn: sqlite3.Connection, ids: Sequence[QueueId], now: int) -> list[QueueEntry]:
+    """The entries with these ids, with their recipients, in the order of ``ids``."""
+    heads: dict[int, tuple[Any, ...]] = {}
+    rcpts: dict[int, list[QueueRecipient]] = {}
+    for chunk in _chunks(list(ids)):
+        for row in conn.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM outbound o JOIN blobs b ON b.id = o.blob_id"
+            f" WHERE o.id IN ({_marks(len(chunk))})",
+            chunk,
+        ):
+            heads[row[0]] = row
+        for r in conn.execute(
+            "SELECT queue_id, address, state, attempts, last_error, last_attempt"
+            f" FROM outbound_rcpts WHERE queue_id IN ({_marks(len(chunk))})"
+            " ORDER BY queue_id, position",
+            chunk,
+        ):
+            rcpts.setdefault(r[0], []).append(
+                QueueRecipient(
+                    address=r[1],
+                    state=RecipientState(r[2]),
+                    attempts=r[3],
+                    last_error=r[4],
+                    last_attempt=None if r[5] is None else from_us(r[5]),
+                )
+            )
+    out: list[QueueEntry] = []
+    for queue_id in ids:
+        h = heads.get(queue_id)
+        if h is None:
+            continue
+        leased = h[8] is not None and h[9] is not None and h[9] > now
+        out.append(
+            QueueEntry(
+                id=h[0],
+                sender=h[1],
+                recipients=tuple(rcpts.get(queue_id, ())),
+                blob=BlobRef(h[2], h[3]),
+                created=from_us(h[4]),
+                next_attempt=from_us(h[5]),
+                attempts=h[6],
+                delay_notified=bool(h[7]),
+                lease_holder=h[8] if leased else None,
+                lease_until=from_us(h[9]) if leased else None,
+            )
+        )
+    return out
+
+
+def queue_entries(conn: sqlite3.Connection, limit: int = 100) -> list[QueueEntry]:
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT id FROM outbound ORDER BY next_attempt, id LIMIT ?", (max(limit, 0),)
+        )
+    ]
+    return _entries(conn, ids, now_us())
+
+
+def claim_due(
+    conn: sqlite3.Connection, now: datetime, limit: int, holder: str, lease_seconds: float
+) -> list[QueueEntry]:
+    if not holder:
+        raise ValueError("a queue lease needs a holder name")
+    if not (math.isfinite(lease_seconds) and lease_seconds > 0):
+        raise ValueError(f"lease must be a positive number of seconds: {lease_seconds}")
+    at = to_us(now)
+    # One writer at a time (BEGIN IMMEDIATE, across processes too): nobody can claim the
+    # same rows between this SELECT and the UPDATE. PostgreSQL: FOR UPDATE SKIP LOCKED.
+    ids = [
+        r[0]
+        for r in conn.execute(
+            "SELECT o.id FROM outbound o"
+            " WHERE o.next_attempt <= ? AND (o.lease_until IS NULL OR o.lease_until <= ?)"
+            " AND EXISTS (SELECT 1 FROM outbound_rcpts r"
+            "             WHERE r.queue_id = o.id AND r.state = 'pending')"
+            " ORDER BY o.next_attempt, o.id LIMIT ?",
+            (at, at, max(limit, 0)),
+        )
+    ]
+    if not ids:
+        return []
+    until = at + round(lease_seconds * 1_000_000)
+    for chunk in _chunks(ids):
+        conn.execute(
+            f"UPDATE outbound SET lease_holder = ?, lease_until = ?"
+            f" WHERE id IN ({_marks(len(chunk))})",
+            (holder, until, *chunk),
+        )
+    return _entries(conn, ids, at)
+
+
+def record_attempt(
+    conn: sqlite3.Connection,
+    queue_id: QueueId,
+    holder: str,
+    results: Mapping[str, tuple[RecipientState, str | None]],
+    next_attempt: datetime | None,
+    delay_notified: bool | None,
+) -> bool:
+    row = conn.execute(
+        "SELECT lease_holder FROM outbound WHERE id = ?", (queue_id,)
+    ).fetchone()
+    if row is None or row[0] != holder:
+        return False  # gone, or our lease expired and someone else took the entry over
+    now = now_us()
+    last_error: str | None = None
+    for address, (state, error) in results.items():
+        state = RecipientState(state)
+        # Only pending recipients change: delivered and failed are final.
+        conn.execute(
+            "UPDATE outbound_rcpts SET state = ?, attempts = attempts + 1, last_error = ?,"
+            " last_attempt = ? WHERE queue_id = ? AND address = ? AND state = 'pending'",
+            (state.value, error, now, queue_id, address),
+        )
+        if error is not None:
+            last_error = error
+    if last_error is not None:
+        conn.execute("UPDATE outbound SET last_error = ? WHERE id = ?", (last_error, queue_id))
+    if delay_notified is not None:
+        conn.execute(
+            "UPDATE outbound SET delay_notified = ? WHERE id = ?",
+            (int(delay_notified), queue_id),
+        )
+    if next_attempt is not None:
+        conn.execute(
+            "UPDATE outbound SET next_attempt = ?, attempts = attempts + 1,"
+            " lease_holder = NULL, lease_until = NULL WHERE id = ?",
+            (to_us(next_attempt), queue_id),
+        )
+    return True
+
+
+def release_leases(conn: sqlite3.Connection, holder_prefix: str) -> int:
+    if not holder_prefix:
+        raise ValueError("release_leases needs a holder prefix (not every lease)")
+    # substr, not LIKE: a holder name may contain % or _.
+    cur = conn.execute(
+        "UPDATE outbound SET lease_holder = NULL, lease_until = NULL"
+        " WHERE lease_holder IS NOT NULL AND substr(lease_holder, 1, ?) = ?",
+        (len(holder_prefix), holder_prefix),
+    )
+    return cur.rowcount
+
+
+def dequeue(conn: sqlite3.Connection, queue_id: QueueId) -> bool:
+    row = conn.execute("SELECT blob_id FROM outbound WHERE id = ?", (queue_id,)).fetchone()
+    if row is None:
+        return False
+    # outbound_rcpts rows go with it (ON DELETE CASCADE).
+    conn.execute("DELETE FROM outbound WHERE id = ?", (queue_id,))
+    _free_blobs(conn, [row[0]])
+    return True
+
+
+def retry(conn: sqlite3.Connection, queue_id: QueueId | None = None) -> int:
+    pending = (
+        "EXISTS (SELECT 1 FROM outbound_rcpts r WHERE r.queue_id = outbound.id"
+        " AND r.state = 'pending')"
+    )
+    now = now_us()
+    if queue_id is None:
+        cur = conn.execute(
+            f"UPDATE outbound SET next_attempt = ? WHERE next_attempt > ? AND {pending}",
+            (now, now),
+        )
+        return cur.rowcount
+    cur = conn.execute(
+        f"UPDATE outbound SET next_attempt = min(next_attempt, ?) WHERE id = ? AND {pending}",
+        (now, queue_id),
+    )
+    return cur.rowcount

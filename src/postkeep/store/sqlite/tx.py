@@ -21,7 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import BinaryIO, Protocol, TypeVar
 
@@ -38,7 +38,9 @@ from postkeep.store.api import (
     MailboxId,
     MessageRow,
     OutboundRow,
+    QueueEntry,
     QueueId,
+    RecipientState,
     Uid,
 )
 from postkeep.store.sqlite import ops
@@ -114,6 +116,9 @@ class SqliteReadTx:
     async def outbound(self, limit: int = 100) -> list[OutboundRow]:
         return await self._runner.run(lambda c: ops.outbound(c, limit), changes=False)
 
+    async def queue_entries(self, limit: int = 100) -> list[QueueEntry]:
+        return await self._runner.run(lambda c: ops.queue_entries(c, limit), changes=False)
+
 
 class SqliteWriteTx(SqliteReadTx):
     """Implements ``postkeep.store.api.WriteTx``; reads see this transaction's own changes."""
@@ -188,6 +193,39 @@ class SqliteWriteTx(SqliteReadTx):
         return await self._runner.run(
             lambda c: ops.enqueue(c, sender, recipients, blob), changes=True
         )
+
+    async def claim_due(
+        self, now: datetime, limit: int, holder: str, lease_seconds: float
+    ) -> list[QueueEntry]:
+        return await self._runner.run(
+            lambda c: ops.claim_due(c, now, limit, holder, lease_seconds), changes=True
+        )
+
+    async def record_attempt(
+        self,
+        queue_id: QueueId,
+        holder: str,
+        results: Mapping[str, tuple[RecipientState, str | None]],
+        next_attempt: datetime | None = None,
+        delay_notified: bool | None = None,
+    ) -> bool:
+        given = dict(results)  # a snapshot: the caller may change its mapping meanwhile
+        return await self._runner.run(
+            lambda c: ops.record_attempt(c, queue_id, holder, given, next_attempt,
+                                         delay_notified),
+            changes=True,
+        )
+
+    async def release_leases(self, holder_prefix: str) -> int:
+        return await self._runner.run(
+            lambda c: ops.release_leases(c, holder_prefix), changes=True
+        )
+
+    async def dequeue(self, queue_id: QueueId) -> bool:
+        return await self._runner.run(lambda c: ops.dequeue(c, queue_id), changes=True)
+
+    async def retry(self, queue_id: QueueId | None = None) -> int:
+        return await self._runner.run(lambda c: ops.retry(c, queue_id), changes=True)
 
     async def set_flags(
         self,
