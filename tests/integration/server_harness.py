@@ -99,6 +99,11 @@ def write_config(
     listeners = "\n".join(
         f'{s} = "127.0.0.1:{ports.get(s) or next(fresh)}"' for s in services
     )
+    if "[dns]" not in extra:
+        # Never the machine's own resolver: outbound delivery of test mail to made-up
+        # domains must stay queued (a nameserver that never answers means "try later"),
+        # not bounce on whatever the sandbox's resolver says about them.
+        extra += f'\n[dns]\nnameservers = ["127.0.0.1:{free_port()}"]\ntimeout = 1.0\n'
     text = f"""
 hostname = "{HOSTNAME}"
 data_dir = "{directory / 'data'}"
