@@ -275,6 +275,16 @@ def _not_negative(value: float) -> str | None:
     return None if value >= 0 else f"must be 0 or more, got {value}"
 
 
+#: Upper bound of ``[security] tls_sniff_ms``: the plaintext greeting waits that long.
+MAX_TLS_SNIFF_MS = 5000
+
+
+def _tls_sniff_ms(value: int) -> str | None:
+    if not 0 <= value <= MAX_TLS_SNIFF_MS:
+        return f"must be from 0 (off) to {MAX_TLS_SNIFF_MS} milliseconds, got {value}"
+    return None
+
+
 def _line_length(value: int) -> str | None:
     if value < MIN_LINE_LENGTH:
         return (
@@ -287,6 +297,7 @@ def _line_length(value: int) -> str | None:
 _CHECKS: dict[tuple[str, str], _Check] = {
     ("limits", "line_length"): _line_length,
     ("security", "implicit_tls_hint_timeout"): _positive,
+    ("security", "tls_sniff_ms"): _tls_sniff_ms,
     ("auth", "failures_before_delay"): _not_negative,
     ("auth", "max_delay"): _not_negative,
     ("auth", "failures_before_lockout"): _positive,
@@ -776,6 +787,10 @@ _COMMENTS: dict[tuple[str | None, str], tuple[str, ...]] = {
     ("security", "implicit_tls_hint_timeout"): (
         "seconds of silence on 465/993/995 before a plaintext",
         "client is told to turn on SSL/TLS",
+    ),
+    ("security", "tls_sniff_ms"): (
+        "milliseconds 587/143/110 wait for a client set to",
+        "SSL/TLS before greeting in plaintext; 0: off",
     ),
     ("limits", "message_size"): ("bytes; the SIZE advertised in EHLO (RFC 1870)",),
     ("limits", "recipients"): ("per message (RFC 5321 §4.5.3.1.8: at least 100)",),

@@ -83,6 +83,9 @@ class TlsConfig:
 class SecurityConfig:
     plaintext_access: bool = True  # false: imap (143) and pop3 (110) are not opened at all
     implicit_tls_hint_timeout: float = 5.0  # silence on 465/993/995 before the hint line
+    # Milliseconds 587/143/110 wait for a TLS ClientHello before the plaintext greeting
+    # (a client set to SSL/TLS on a STARTTLS port); 0: greet at once. Never port 25.
+    tls_sniff_ms: int = 200
 
 
 @dataclass(frozen=True, slots=True)
