@@ -47,6 +47,7 @@ from postkeep.imap.protocol import (
     ImapServer,
     NeedData,
     ProtocolError,
+    Rejected,
     State,
 )
 from postkeep.imap.responses import BlobSlice, Condition, Continuation, Output, Response
@@ -155,7 +156,10 @@ async def serve(
     *,
     tls_context: Callable[[], TlsContext] | None,
     preauth_timeout: float,
+    on_plaintext_refused: Callable[[], None] | None = None,
 ) -> None:
+    """Serve one connection. ``on_plaintext_refused`` is called each time the core refuses
+    LOGIN or AUTHENTICATE with ``NO [PRIVACYREQUIRED]`` because TLS has not started."""
     writer = _Writer(stream, core, store)
     pending: Event | NeedData | None = None
     try:
@@ -197,6 +201,8 @@ async def serve(
                                      protocol="imap"):
                     break
                 continue
+            if on_plaintext_refused is not None and _privacy_required(event):
+                on_plaintext_refused()
             reply = await session.handle(event, writer.emit)
             if reply is not None:
                 await writer.emit(reply)
@@ -282,6 +288,13 @@ async def _idle(
         for task in (reader, watcher):
             if task is not None and not task.done():
                 task.cancel()
+
+
+def _privacy_required(event: Event | NeedData) -> bool:
+    """The core refused credentials before TLS (RFC 2595 §3.2, RFC 5530 §3)."""
+    if not isinstance(event, Rejected) or event.response.code is None:
+        return False
+    return event.response.code.name == r.CodeName.PRIVACYREQUIRED
 
 
 def _bytes_only(out: list[bytes | BlobSlice]) -> bytes:

@@ -47,7 +47,10 @@ async def serve(
     tls_context: Callable[[], TlsContext] | None,
     idle_timeout: float = IDLE_TIMEOUT,
     greeting: str = "postkeep ready",
+    on_plaintext_refused: Callable[[], None] | None = None,
 ) -> None:
+    """Serve one connection. ``on_plaintext_refused`` is called each time the core refuses
+    USER, PASS or AUTH with ``-ERR [AUTH]`` because TLS has not started, for metrics."""
     try:
         stream.write(core.greet(greeting))
         while True:
@@ -55,6 +58,11 @@ async def serve(
                 event = core.next_event()
             except ProtocolError as exc:
                 stream.write(core.send(exc.hint))
+                # Before TLS, [AUTH] is only the core's "STLS first" (RFC 2595 §2.3).
+                if on_plaintext_refused is not None and exc.hint.code == "AUTH" and (
+                    not core.tls_active
+                ):
+                    on_plaintext_refused()
                 if exc.hint.closes:
                     logger.info("pop3.closed_by_error", extra={"reply": exc.hint.text})
                     break

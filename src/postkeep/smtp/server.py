@@ -30,6 +30,7 @@ from postkeep.smtp.protocol import (
     DataChunk,
     DataEnd,
     ProtocolError,
+    Role,
     SmtpServer,
     StartTls,
 )
@@ -49,7 +50,11 @@ async def serve(
     tls_context: Callable[[], TlsContext] | None,
     idle_timeout: float,
     data_timeout: float,
+    on_plaintext_refused: Callable[[], None] | None = None,
 ) -> None:
+    """Serve one connection. ``on_plaintext_refused`` is called each time the core refuses
+    AUTH or mail on submission because TLS has not started (the 530 5.7.0 naming the
+    settings to use), for metrics."""
     in_data = False
     data_deadline = 0.0
     loop = asyncio.get_running_loop()
@@ -60,6 +65,8 @@ async def serve(
                 event = core.next_event()
             except ProtocolError as exc:
                 stream.write(core.send(exc.hint))
+                if on_plaintext_refused is not None and _before_tls(core, exc.hint.code):
+                    on_plaintext_refused()
                 if exc.hint.closes:
                     logger.info("smtp.closed_by_error", extra={"code": exc.hint.code})
                     break
@@ -120,3 +127,9 @@ async def serve(
         session.abandon()
         stream.write(replies.TEMP_ERROR.render())
     await stream.drain()
+
+
+def _before_tls(core: SmtpServer, code: int) -> bool:
+    """A 530 on submission before TLS is the core's "STARTTLS first" (its TLS guard comes
+    before the AUTH-required one: RFC 3207 §4, RFC 6409 §4.3)."""
+    return code == 530 and core.role is Role.SUBMISSION and not core.tls_active

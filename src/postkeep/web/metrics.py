@@ -12,6 +12,8 @@ postkeep_starttls_upgrades_total        net/listener (at close)     service, tls
 postkeep_connections_open               ConnectionTracker.total     (none)
 postkeep_logins_total                   auth/service                service, result
 postkeep_plaintext_logins_refused_total ``plaintext_login_refused``  service
+postkeep_first_bytes_total              net/listener (before the    service, outcome
+                                        greeting or handshake)
 postkeep_messages_accepted_total        ``message_accepted``        service
 postkeep_outbound_queue_messages        store, read at each scrape  (none)
 postkeep_store_write_transactions_total store.stats                 (none)
@@ -21,7 +23,17 @@ postkeep_http_requests_total            web/server                  endpoint, co
 ======================================  ==========================  =====================
 
 ``tls_version`` is ``"none"`` for a connection that starts in plaintext (25, 587, 143,
-110, http); its later STARTTLS shows up in ``postkeep_starttls_upgrades_total``.
+110, http); its later STARTTLS shows up in ``postkeep_starttls_upgrades_total``. A client
+set to SSL/TLS on 587/143/110 is recognised by its first bytes and counts with its TLS
+version, as on 465/993/995.
+
+``postkeep_first_bytes_total`` says what a new connection on 465/993/995 (and on
+587/143/110 unless ``[security] tls_sniff_ms = 0``) sent before our greeting or handshake:
+``tls`` (a ClientHello), ``silent`` (nothing: it waits for a greeting), ``plaintext``
+(a command before the greeting) or ``closed`` (it hung up). ``silent`` or ``plaintext`` on
+465/993/995 and ``tls`` on 587/143/110 are mail programs set to the wrong security mode.
+``postkeep_plaintext_logins_refused_total`` counts connections (once each) that were
+refused a login, or on 587 mail, because TLS had not started.
 
 A login's service is the one given to ``login()``, or else the service of the connection
 being served: ``connection_opened`` remembers it in a context variable, which the
@@ -58,6 +70,7 @@ QUEUE_COUNT_CAP = 10_000
 #: Label values for TLS versions we may see; anything else is reported as "other".
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 LOGIN_RESULTS = ("ok", "failed", "throttled")
+FIRST_BYTES = ("tls", "silent", "plaintext", "closed")
 UNKNOWN = "unknown"
 
 _service: contextvars.ContextVar[str] = contextvars.ContextVar("postkeep_metrics_service",
@@ -97,8 +110,13 @@ class Metrics:
             "postkeep_logins", "Login attempts by service and result (ok, failed, throttled)",
             ["service", "result"], registry=r)
         self.plaintext_refused = Counter(
-            "postkeep_plaintext_logins_refused", "Logins refused because the connection was "
-            "not encrypted yet (a client set to no encryption)", ["service"], registry=r)
+            "postkeep_plaintext_logins_refused", "Connections refused a login (or, on "
+            "submission, mail) because TLS had not started (a client set to no "
+            "encryption)", ["service"], registry=r)
+        self.first_bytes_seen = Counter(
+            "postkeep_first_bytes", "What new connections sent before the greeting or "
+            "handshake: tls, silent (waited), plaintext or closed",
+            ["service", "outcome"], registry=r)
         self.messages = Counter(
             "postkeep_messages_accepted", "Messages accepted (replied 250 / APPENDed), by "
             "service", ["service"], registry=r)
@@ -116,6 +134,9 @@ class Metrics:
                 self.logins.labels(service.value, result)
             self.plaintext_refused.labels(service.value)
             self.messages.labels(service.value)
+            if service not in (Service.SMTP, Service.HTTP):  # port 25 greets at once
+                for outcome in FIRST_BYTES:
+                    self.first_bytes_seen.labels(service.value, outcome)
 
     # -- recording (called by the modules that see the events) ---------------------------
     def connection_opened(self, service: Service, tls_version: str | None) -> None:
@@ -128,6 +149,12 @@ class Metrics:
         """A connection that started in plaintext ended with TLS (STARTTLS/STLS)."""
         self.starttls.labels(service.value, tls_label(tls_version)).inc()
 
+    def first_bytes(self, service: Service, outcome: str) -> None:
+        """What a new connection sent before our greeting or handshake (net/listener):
+        "tls", "silent", "plaintext" or "closed"."""
+        label = outcome if outcome in FIRST_BYTES else UNKNOWN
+        self.first_bytes_seen.labels(service.value, label).inc()
+
     def login(self, result: str, service: Service | str | None = None) -> None:
         """A login was decided (auth/service): ``result`` is "ok", "failed", "throttled"."""
         label = result if result in LOGIN_RESULTS else UNKNOWN
@@ -135,7 +162,8 @@ class Metrics:
 
     def plaintext_login_refused(self, service: Service | str | None = None) -> None:
         """A client tried to log in before TLS and was refused (530 5.7.0 on 587,
-        ``NO [PRIVACYREQUIRED]`` on 143, ``-ERR [AUTH]`` on 110)."""
+        ``NO [PRIVACYREQUIRED]`` on 143, ``-ERR [AUTH]`` on 110). The drivers call it
+        at most once per connection."""
         self.plaintext_refused.labels(_service_label(service)).inc()
 
     def message_accepted(self, service: Service | str | None = None) -> None:
