@@ -25,7 +25,14 @@ from postkeep.auth.throttle import Throttle
 from postkeep.config.schema import SERVICE_PORTS, Config, Mode, Service
 from postkeep.dns.resolver import DnsResolver
 from postkeep.errors import ConfigError
-from postkeep.hints import IMPLICIT_HINTS, Ports, pop3_stls_first, smtp_starttls_first
+from postkeep.hints import (
+    IMPLICIT_HINTS,
+    PREGREET_ERRORS,
+    Ports,
+    imap_starttls_first,
+    pop3_stls_first,
+    smtp_starttls_first,
+)
 from postkeep.imap import server as imap_server
 from postkeep.imap.protocol import ImapServer
 from postkeep.imap.protocol import Limits as ImapLimits
@@ -110,6 +117,11 @@ class App:
             if handler is None:
                 continue
             _, mode = SERVICE_PORTS[service]
+            # A client set to SSL/TLS on 587/143/110 is recognised (net/listener); port 25
+            # greets at once: MX senders wait for the greeting, and SMTP has no
+            # implicit-TLS port to match.
+            pregreet = PREGREET_ERRORS.get(service, b"")
+            sniff = self.config.security.tls_sniff_ms / 1000 if pregreet else 0.0
             for address in self.config.enabled(service):
                 listener = Listener(
                     service=service,
@@ -119,6 +131,8 @@ class App:
                     tracker=self.tracker,
                     tls=self._context_for(service),
                     hint_timeout=self.config.security.implicit_tls_hint_timeout,
+                    sniff=sniff,
+                    pregreet_error=pregreet,
                     metrics=self.metrics,
                 )
                 listener.bind()
@@ -213,7 +227,7 @@ class App:
             ),
             hostname=self.config.hostname,
             tls_active=stream.tls_active,
-            tls_offered=info.mode is Mode.STARTTLS,
+            tls_offered=info.mode is Mode.STARTTLS and not info.tls_sniffed,
             require_tls=info.service is Service.SUBMISSION,
             starttls_hint=smtp_starttls_first(self.ports),
         )
@@ -231,6 +245,7 @@ class App:
             tls_context=self._context_for(info.service),
             idle_timeout=lim.idle_timeout,
             data_timeout=lim.data_timeout,
+            on_plaintext_refused=self._plaintext_refused(info),
         )
 
     # -- POP3 -------------------------------------------------------------------------
@@ -247,7 +262,7 @@ class App:
                 commands=lim.commands_per_session,
             ),
             tls_active=stream.tls_active,
-            tls_offered=info.mode is Mode.STARTTLS,
+            tls_offered=info.mode is Mode.STARTTLS and not info.tls_sniffed,
             require_tls=True,  # RFC 8314 §3, DESIGN.md §1: no password before TLS
             implementation=f"postkeep {__version__}",
             starttls_hint=pop3_stls_first(self.ports),
@@ -267,6 +282,7 @@ class App:
             # RFC 1939 §3: at least 10 minutes, even if SMTP's idle_timeout is shorter.
             idle_timeout=max(pop3_server.IDLE_TIMEOUT, lim.idle_timeout),
             greeting=f"{self.config.hostname} POP3 server ready",
+            on_plaintext_refused=self._plaintext_refused(info),
         )
 
     # -- IMAP -------------------------------------------------------------------------
@@ -279,9 +295,9 @@ class App:
             # APPENDLIMIT (RFC 7889) is the message size; an IMAP number is 32-bit.
             limits=ImapLimits(max_literal=min(self.config.limits.message_size, 2**32 - 1)),
             tls_active=stream.tls_active,
-            tls_offered=info.mode is Mode.STARTTLS,
+            tls_offered=info.mode is Mode.STARTTLS and not info.tls_sniffed,
             require_tls=True,  # RFC 8314 §3, DESIGN.md §1: LOGINDISABLED until TLS
-            starttls_hint=_imap_starttls_first(self.ports),
+            starttls_hint=imap_starttls_first(self.ports),
         )
         session = ImapSession(
             core=core,
@@ -298,7 +314,22 @@ class App:
             self.store,
             tls_context=self._context_for(info.service),
             preauth_timeout=self.config.limits.idle_timeout,
+            on_plaintext_refused=self._plaintext_refused(info),
         )
+
+    def _plaintext_refused(self, info: ConnInfo) -> Callable[[], None]:
+        """For a driver: a login (or, on 587, mail) was refused because TLS had not
+        started. Counted once per connection."""
+        done = False
+
+        def record() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                logger.info("auth.refused_before_tls")
+                self.metrics.plaintext_login_refused(info.service)
+
+        return record
 
     # -- run and stop -----------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -347,13 +378,6 @@ class App:
             "server.stopped",
             extra={"write_transactions": stats.write_transactions, "commits": stats.commits},
         )
-
-
-def _imap_starttls_first(ports: Ports) -> str:
-    """Text of the ``NO [PRIVACYREQUIRED]`` for LOGIN/AUTHENTICATE before STARTTLS on 143."""
-    p993 = ports.of(Service.IMAPS)
-    alt = f", or SSL/TLS on port {p993}" if p993 is not None else ""
-    return f"Use STARTTLS first{alt}: passwords are never sent unencrypted"
 
 
 async def serve_forever(config: Config) -> None:

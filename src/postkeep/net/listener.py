@@ -1,10 +1,17 @@
 """Listeners: bind one service to one address in one security mode, accept, hand off.
 
 We run our own accept loop instead of ``loop.create_server(ssl=…)`` so that, before any
-TLS layer exists, we can look at (peek, never consume) a new connection's first bytes. On
-an implicit-TLS port a client that speaks plaintext first, or waits for a greeting that
-never comes, gets one plaintext line naming the right setting, instead of a handshake
-error its user cannot read.
+TLS layer exists, we can look at (peek, never consume) a new connection's first bytes:
+
+- On an implicit-TLS port (465/993/995) a client that speaks plaintext first, or waits
+  for a greeting that never comes, gets one plaintext line naming the right setting,
+  instead of a handshake error its user cannot read.
+- On a STARTTLS port given ``sniff`` seconds (587/143/110, ``[security] tls_sniff_ms``;
+  never 25) we wait that long before the plaintext greeting. A TLS ClientHello (a mail
+  program set to SSL/TLS) is served exactly as on the implicit-TLS port: the same
+  context, the greeting after the handshake. A silent client gets the greeting, late by
+  at most ``sniff``. Bytes that are not TLS, received before the greeting, are answered
+  with the protocol's error (``pregreet_error``) and the connection closes.
 
 Invariants:
 - Connection limits (in total and per client IP) are counted here, for every service.
@@ -12,6 +19,10 @@ Invariants:
 - Only this module and ``stream.py`` touch sockets; TLS contexts come from ``tls.policy``
   per connection, so a reloaded certificate serves the next connection.
 - Every connection, however it ends, releases its slot and closes its socket.
+- The first-bytes outcome of a sniffed connection is logged once (``conn.first_bytes``)
+  and counted once; nothing is consumed from the socket before TLS or the core reads it.
+- ``ConnInfo.mode`` is the listener's mode; ``tls_sniffed`` says that a STARTTLS port's
+  connection is TLS from the first byte (the core then neither offers nor needs STARTTLS).
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ class ConnInfo:
     peer_port: int
     cid: str
     over_limit: bool = False  # the handler must refuse politely (421 / BYE / -ERR) and close
+    tls_sniffed: bool = False  # STARTTLS port, but the client sent a ClientHello first
     started: float = field(default_factory=time.monotonic)
 
 
@@ -58,6 +70,7 @@ class ConnectionMetrics(Protocol):
 
     def connection_opened(self, service: Service, tls_version: str | None) -> None: ...
     def connection_upgraded(self, service: Service, tls_version: str | None) -> None: ...
+    def first_bytes(self, service: Service, outcome: str) -> None: ...
 
 
 @dataclass(slots=True)
@@ -109,10 +122,14 @@ class Listener:
         tls: Callable[[], TlsContext] | None = None,
         plaintext_hint: bytes = b"",
         hint_timeout: float = 5.0,
+        sniff: float = 0.0,
+        pregreet_error: bytes = b"",
         metrics: ConnectionMetrics | None = None,
     ) -> None:
         if mode is Mode.IMPLICIT and tls is None:
             raise ValueError("an implicit-TLS listener needs a TLS context")
+        if sniff > 0 and (mode is not Mode.STARTTLS or tls is None or not pregreet_error):
+            raise ValueError("sniffing is for STARTTLS listeners, with TLS and an error line")
         self.service = service
         self.mode = mode
         self.address = address
@@ -121,6 +138,8 @@ class Listener:
         self._tls = tls
         self.plaintext_hint = plaintext_hint
         self._hint_timeout = hint_timeout
+        self.sniff = sniff
+        self.pregreet_error = pregreet_error
         self._metrics = metrics
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
@@ -196,15 +215,27 @@ class Listener:
                 conn.close()
                 return
             info.over_limit = over
-            if self.mode is Mode.IMPLICIT:
-                verdict = await self._sniff(conn, self._hint_timeout)
-                if verdict != "tls":
-                    if verdict != "eof":
-                        await self._send_hint_and_close(conn, verdict)
-                    else:
-                        conn.close()
+            tls = self.mode is Mode.IMPLICIT
+            if self.mode is Mode.IMPLICIT or self.sniff > 0:
+                implicit = self.mode is Mode.IMPLICIT
+                verdict = await self._sniff(conn, self._hint_timeout if implicit else self.sniff)
+                self._first_bytes(verdict)
+                if verdict == "closed":
+                    conn.close()
                     return
-            stream = await self._make_stream(conn)
+                if implicit and verdict != "tls":
+                    await self._send_and_close(conn, self.plaintext_hint)
+                    return
+                if verdict == "plaintext":
+                    await self._send_and_close(conn, self.pregreet_error)
+                    return
+                if not implicit and verdict == "tls":
+                    # A client set to SSL/TLS on a STARTTLS port: serve it as the
+                    # implicit-TLS port of this protocol would. No RFC asks for this; it
+                    # mistakes no plaintext client, as no command starts with byte 0x16
+                    # (RFC 8446 §5.1 handshake record).
+                    info.tls_sniffed = tls = True
+            stream = await self._make_stream(conn, tls=tls)
             if stream is None:
                 return
             self._tracker.streams.add(stream)
@@ -221,7 +252,8 @@ class Listener:
             self._tracker.release(ip)
             if stream is not None:
                 self._tracker.streams.discard(stream)
-                upgraded = stream.ssl_object if self.mode is Mode.STARTTLS else None
+                starttls = self.mode is Mode.STARTTLS and not info.tls_sniffed
+                upgraded = stream.ssl_object if starttls else None
                 if self._metrics is not None and upgraded is not None:
                     self._metrics.connection_upgraded(self.service, upgraded.version())
                 stream.close()
@@ -232,9 +264,9 @@ class Listener:
                 "conn.close", extra={"duration": f"{time.monotonic() - info.started:.3f}"}
             )
 
-    async def _make_stream(self, conn: socket.socket) -> Stream | None:
+    async def _make_stream(self, conn: socket.socket, *, tls: bool) -> Stream | None:
         loop = asyncio.get_running_loop()
-        ctx = self._tls() if self.mode is Mode.IMPLICIT and self._tls is not None else None
+        ctx = self._tls() if tls and self._tls is not None else None
         try:
             _, proto = await loop.connect_accepted_socket(
                 Stream,
@@ -249,8 +281,16 @@ class Listener:
         assert isinstance(proto, Stream)
         return proto
 
+    def _first_bytes(self, verdict: str) -> None:
+        logger.info("conn.first_bytes", extra={"outcome": verdict})
+        if self._metrics is not None:
+            self._metrics.first_bytes(self.service, verdict)
+
     async def _sniff(self, conn: socket.socket, timeout: float) -> str:
-        """Peek at the first byte: "tls", "plaintext", "silent" or "eof"."""
+        """Peek at the first byte: "tls", "plaintext", "silent" or "closed".
+
+        Nothing is consumed: the byte stays for the TLS layer (or is never read at all).
+        """
         loop = asyncio.get_running_loop()
         ready: asyncio.Future[None] = loop.create_future()
         fd = conn.fileno()
@@ -269,16 +309,16 @@ class Listener:
         try:
             first = conn.recv(1, socket.MSG_PEEK)
         except OSError:
-            return "eof"
+            return "closed"
         if not first:
-            return "eof"
+            return "closed"
         return "tls" if first[0] == TLS_HANDSHAKE_RECORD else "plaintext"
 
-    async def _send_hint_and_close(self, conn: socket.socket, why: str) -> None:
+    async def _send_and_close(self, conn: socket.socket, line: bytes) -> None:
+        """Write one plaintext line (a hint or an error), then close without a reset."""
         loop = asyncio.get_running_loop()
-        logger.info("conn.plaintext_on_tls_port", extra={"client": why})
         with contextlib.suppress(OSError, TimeoutError):
-            await asyncio.wait_for(loop.sock_sendall(conn, self.plaintext_hint), 2.0)
+            await asyncio.wait_for(loop.sock_sendall(conn, line), 2.0)
             # Half-close, then read what the client had sent, so that our close does not
             # become a reset that destroys the hint before the client reads it.
             conn.shutdown(socket.SHUT_WR)
