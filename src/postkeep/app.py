@@ -192,6 +192,7 @@ class App:
             hostname=self.config.hostname,
             config=self.config.outbound,
             holder_prefix=node_holder_prefix(self.config.data_dir, self.config.hostname),
+            on_result=self.metrics.outbound_result,
         )
         self.ingest.on_enqueue = self.scheduler.wake
         self._queue_task = asyncio.get_running_loop().create_task(self.scheduler.run())
@@ -238,6 +239,7 @@ class App:
             session = SubmissionSession(
                 core=core, info=info, stream=stream, ingest=self.ingest, auth=self.auth
             )
+        session.on_accepted = self.metrics.message_accepted
         await serve_smtp(
             stream,
             core,
@@ -307,6 +309,7 @@ class App:
             auth=self.auth,
             recent=self.imap_recent,
         )
+        session.on_accepted = self.metrics.message_accepted
         await imap_server.serve(
             stream,
             core,

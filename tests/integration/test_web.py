@@ -3,12 +3,14 @@ MTA-STS, /metrics, and the /setup page in a real headless Chromium."""
 
 from __future__ import annotations
 
+import imaplib
 import os
 import plistlib
 import shutil
 import smtplib
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
@@ -428,3 +430,30 @@ def test_setup_page_without_plaintext_access_shows_no_143_or_110(
 def test_setup_page_for_unknown_domain_is_404(web: Instance) -> None:
     assert fetch(web, "/setup?domain=elsewhere.test")[0] == 404
     assert fetch(web, "/")[0] == 200  # redirected to /setup
+
+
+def test_metrics_count_accepted_messages_and_outbound_results(
+    web: Instance, tls_ctx: ssl.SSLContext
+) -> None:
+    accepted = ("postkeep_messages_accepted_total", (("service", "submissions"),))
+    appended = ("postkeep_messages_accepted_total", (("service", "imaps"),))
+    deferred = ("postkeep_outbound_recipients_total", (("result", "deferred"),))
+    before, _ = scrape(web)
+    with smtplib.SMTP_SSL("127.0.0.1", web.ports["submissions"], context=tls_ctx,
+                          timeout=10) as s:
+        s.login("alice@example.test", PASSWORDS["alice@example.test"])
+        s.sendmail("alice@example.test", ["bob@example.test"], b"Subject: a\r\n\r\nx\r\n")
+        # The harness's nameserver never answers: the remote recipient is deferred.
+        s.sendmail("alice@example.test", ["friend@remote.test"], b"Subject: b\r\n\r\ny\r\n")
+    with imaplib.IMAP4_SSL("127.0.0.1", web.ports["imaps"], ssl_context=tls_ctx) as c:
+        c.login("bob@example.test", PASSWORDS["bob@example.test"])
+        c.append("INBOX", None, None, b"Subject: c\r\n\r\nz\r\n")
+    after: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for _ in range(100):  # the delivery attempt ends after the DNS timeout (1 s)
+        after, _ = scrape(web)
+        if after[deferred] > before[deferred]:
+            break
+        time.sleep(0.1)
+    assert after[accepted] - before[accepted] == 2
+    assert after[appended] - before[appended] == 1
+    assert after[deferred] - before[deferred] == 1

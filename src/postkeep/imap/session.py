@@ -281,6 +281,9 @@ class _Prepared:
 class ImapSession:
     """One connection's command semantics (see the module docstring)."""
 
+    #: Called once per message stored by APPEND (metrics); set by the app.
+    on_accepted: Callable[[], None] | None = None
+
     def __init__(
         self,
         *,
@@ -750,6 +753,8 @@ class ImapSession:
         if self.selected is not None and self.selected.mailbox_id == spool.mailbox_id:
             self._dirty = True
         logger.info("imap.append", extra={"uid": uid, "size": spool.size})
+        if self.on_accepted is not None:
+            self.on_accepted()
         # RFC 4315 §3: APPENDUID uidvalidity uid; sent after the commit.
         return _ok(tag, "APPEND completed", Code(CodeName.APPENDUID, f"{uidvalidity} {uid}"))
 

@@ -189,8 +189,11 @@ class Scheduler:
         lease_seconds: float = LEASE_SECONDS,
         attempt_timeout: float = ATTEMPT_TIMEOUT,
         rng: Callable[[], float] = random.random,
+        on_result: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
+        #: Told "delivered", "deferred" or "bounced" for each recipient attempt (metrics).
+        self.on_result = on_result
         self.deliverer = deliverer
         self.ingest = ingest
         self.hostname = hostname
@@ -341,13 +344,14 @@ class Scheduler:
                     if not await tx.record_attempt(entry.id, self.holder, now_results):
                         lost = True
             for o in outcomes:
+                result = "delivered" if o.delivered else "failed" if o.permanent else "deferred"
                 logger.info(
                     "queue.attempt",
                     extra={"queue_id": entry.id, "rcpt": o.recipient, "host": o.host or "",
-                           "result": "delivered" if o.delivered else
-                           "failed" if o.permanent else "deferred",
-                           "reply": dsn.clean(f"{o.code} {o.text}", 200)},
+                           "result": result, "reply": dsn.clean(f"{o.code} {o.text}", 200)},
                 )
+                if self.on_result is not None:
+                    self.on_result("bounced" if o.recipient in failures else result)
 
         await asyncio.gather(*(one(k, r) for k, r in groups.items()))
         if lost:

@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from typing import BinaryIO, cast
 
 from postkeep import log
@@ -71,6 +72,9 @@ def tls_description(stream: Stream) -> str | None:
 
 
 class SmtpSession:
+    #: Called once per message acknowledged with 250 (metrics); set by the app.
+    on_accepted: Callable[[], None] | None = None
+
     def __init__(
         self, *, core: SmtpServer, info: ConnInfo, stream: Stream, ingest: Ingest
     ) -> None:
@@ -221,6 +225,8 @@ class SmtpSession:
             spool.close()
             self._spool = None
             self._reset()
+        if self.on_accepted is not None:
+            self.on_accepted()
         return replies.queued(queue_id)
 
 

@@ -70,6 +70,7 @@ QUEUE_COUNT_CAP = 10_000
 #: Label values for TLS versions we may see; anything else is reported as "other".
 TLS_VERSIONS = ("TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3")
 LOGIN_RESULTS = ("ok", "failed", "throttled")
+OUTBOUND_RESULTS = ("delivered", "deferred", "bounced")
 FIRST_BYTES = ("tls", "silent", "plaintext", "closed")
 UNKNOWN = "unknown"
 
@@ -120,6 +121,12 @@ class Metrics:
         self.messages = Counter(
             "postkeep_messages_accepted", "Messages accepted (replied 250 / APPENDed), by "
             "service", ["service"], registry=r)
+        self.outbound = Counter(
+            "postkeep_outbound_recipients", "Outbound delivery attempts per recipient, by "
+            "result (delivered; deferred: will be retried; bounced: failed for good, a DSN "
+            "goes to the sender)", ["result"], registry=r)
+        for result in OUTBOUND_RESULTS:
+            self.outbound.labels(result)
         self.http_requests = Counter(
             "postkeep_http_requests", "Requests to the http listener, by endpoint and status",
             ["endpoint", "code"], registry=r)
@@ -170,6 +177,10 @@ class Metrics:
         """A message was committed and acknowledged (SMTP 250 after DATA/BDAT, IMAP
         APPEND OK)."""
         self.messages.labels(_service_label(service)).inc()
+
+    def outbound_result(self, result: str) -> None:
+        """One recipient's delivery attempt ended (queue/scheduler)."""
+        self.outbound.labels(result if result in OUTBOUND_RESULTS else UNKNOWN).inc()
 
     def http_request(self, endpoint: str, code: int) -> None:
         self.http_requests.labels(endpoint, str(code)).inc()
