@@ -1,8 +1,8 @@
 """The one storage interface every protocol and service talks to.
 
-Mail-shaped, not key-value: domains, accounts, aliases, mailboxes, messages with UIDs and
-flags, message blobs, and the outbound table. Two backends implement it (SQLite now,
-PostgreSQL later); nothing above this module knows which one is in use.
+Mail-shaped, not key-value: domains, accounts, aliases, DKIM keys, mailboxes, messages
+with UIDs and flags, message blobs, and the outbound table. Two backends implement it
+(SQLite now, PostgreSQL later); nothing above this module knows which one is in use.
 
 Invariants:
 - A write transaction is durable when ``async with store.write()`` exits without error:
@@ -73,6 +73,22 @@ class StorageError(Exception):
 class Domain:
     name: str
     created: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKey:
+    """A DKIM signing key of a local domain (``mail/dkim.py``); deleted with the domain."""
+
+    domain: str
+    selector: str  # lower-case DNS label: published at <selector>._domainkey.<domain>
+    algorithm: str  # "ed25519" (RFC 8463) or "rsa"
+    private_pem: str  # PKCS#8 PEM, unencrypted: the store is as secret as the key
+    public_txt: str  # the TXT record text, "v=DKIM1; k=…; p=…"
+    created: datetime
+
+
+#: The DKIM key algorithms the store accepts.
+DKIM_ALGORITHMS = ("ed25519", "rsa")
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +268,9 @@ class ReadTx(Protocol):
     async def list_accounts(self, domain: str | None = None) -> list[Account]: ...
     async def alias_targets(self, source: str) -> list[str]: ...
     async def list_aliases(self, source: str | None = None) -> list[Alias]: ...
+    async def dkim_keys(self, domain: str) -> list[DkimKey]:
+        """The domain's DKIM keys, oldest first; [] for a domain that does not exist."""
+
     # mailboxes and messages
     async def mailboxes(self, account_id: AccountId) -> list[Mailbox]: ...
     async def mailbox(self, account_id: AccountId, name: str) -> Mailbox | None: ...
@@ -288,6 +307,13 @@ class WriteTx(ReadTx, Protocol):
     async def del_account(self, address: str) -> None: ...
     async def add_alias(self, source: str, target: str) -> Alias: ...
     async def del_alias(self, source: str, target: str) -> None: ...
+    async def add_dkim_key(
+        self, domain: str, selector: str, algorithm: str, private_pem: str, public_txt: str
+    ) -> DkimKey:
+        """Store a DKIM key. NOT_FOUND if the domain does not exist, EXISTS if it already
+        has a key with this selector (compared case-insensitively); ValueError for an
+        algorithm not in ``DKIM_ALGORITHMS``. ``del_domain`` deletes the domain's keys."""
+
     async def create_mailbox(
         self, account_id: AccountId, name: str, special_use: str | None = None
     ) -> Mailbox: ...

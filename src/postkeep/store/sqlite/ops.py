@@ -42,6 +42,7 @@ from typing import Any, BinaryIO
 
 from postkeep.store.api import (
     DEFAULT_MAILBOXES,
+    DKIM_ALGORITHMS,
     SYSTEM_FLAGS,
     Account,
     AccountId,
@@ -49,6 +50,7 @@ from postkeep.store.api import (
     BlobRef,
     Change,
     ChangeKind,
+    DkimKey,
     Domain,
     FlagChange,
     FlagOp,
@@ -338,6 +340,52 @@ def del_alias(conn: sqlite3.Connection, source: str, target: str) -> None:
     cur = conn.execute("DELETE FROM aliases WHERE source = ? AND target = ?", (s, t))
     if cur.rowcount == 0:
         raise StorageError(StorageErrorKind.NOT_FOUND, f"alias {s} -> {t} does not exist")
+
+
+# ---------------------------------------------------------------- DKIM keys
+
+_DKIM_COLS = "domain, selector, algorithm, private_pem, public_txt, created"
+
+
+def dkim_keys(conn: sqlite3.Connection, domain: str) -> list[DkimKey]:
+    try:
+        d = _domain(domain)
+    except ValueError:
+        return []
+    rows = conn.execute(
+        f"SELECT {_DKIM_COLS} FROM dkim_keys WHERE domain = ? ORDER BY created, selector", (d,)
+    ).fetchall()
+    return [DkimKey(r[0], r[1], r[2], r[3], r[4], from_us(r[5])) for r in rows]
+
+
+def add_dkim_key(
+    conn: sqlite3.Connection, domain: str, selector: str, algorithm: str, private_pem: str,
+    public_txt: str,
+) -> DkimKey:
+    d = _domain(domain)
+    sel = selector.strip().lower()
+    if not sel or any(c.isspace() for c in sel):
+        raise ValueError(f"not a DKIM selector: {selector!r}")
+    if algorithm not in DKIM_ALGORITHMS:
+        raise ValueError(f"not a DKIM key algorithm: {algorithm!r}")
+    if not domain_exists(conn, d):
+        raise StorageError(
+            StorageErrorKind.NOT_FOUND,
+            f"domain {d} is not a local domain; add it first (postkeep domain add {d})",
+        )
+    created = now_us()
+    try:
+        conn.execute(
+            f"INSERT INTO dkim_keys ({_DKIM_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+            (d, sel, algorithm, private_pem, public_txt, created),
+        )
+    except sqlite3.IntegrityError as e:
+        if e.sqlite_errorcode == sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY:
+            raise StorageError(
+                StorageErrorKind.EXISTS, f"domain {d} already has a DKIM key {sel}"
+            ) from e
+        raise
+    return DkimKey(d, sel, algorithm, private_pem, public_txt, from_us(created))
 
 
 # ---------------------------------------------------------------- mailboxes and messages

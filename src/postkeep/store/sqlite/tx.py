@@ -31,6 +31,7 @@ from postkeep.store.api import (
     Alias,
     BlobRef,
     Change,
+    DkimKey,
     Domain,
     FlagChange,
     FlagOp,
@@ -82,6 +83,9 @@ class SqliteReadTx:
 
     async def list_aliases(self, source: str | None = None) -> list[Alias]:
         return await self._runner.run(lambda c: ops.list_aliases(c, source), changes=False)
+
+    async def dkim_keys(self, domain: str) -> list[DkimKey]:
+        return await self._runner.run(lambda c: ops.dkim_keys(c, domain), changes=False)
 
     async def mailboxes(self, account_id: AccountId) -> list[Mailbox]:
         return await self._runner.run(lambda c: ops.mailboxes(c, account_id), changes=False)
@@ -162,6 +166,14 @@ class SqliteWriteTx(SqliteReadTx):
 
     async def del_alias(self, source: str, target: str) -> None:
         await self._runner.run(lambda c: ops.del_alias(c, source, target), changes=True)
+
+    async def add_dkim_key(
+        self, domain: str, selector: str, algorithm: str, private_pem: str, public_txt: str
+    ) -> DkimKey:
+        return await self._runner.run(
+            lambda c: ops.add_dkim_key(c, domain, selector, algorithm, private_pem, public_txt),
+            changes=True,
+        )
 
     async def create_mailbox(
         self, account_id: AccountId, name: str, special_use: str | None = None
