@@ -5,6 +5,13 @@ Every accepted message — from port 25, 587 or 465, and later from DSNs — com
 copy for each local recipient is appended to its INBOX and the remote recipients are put on
 the outbound queue, all in one write transaction.
 
+DKIM (``mail/dkim.py``): a message from an authenticated user that goes to at least one
+remote recipient is signed, before it is stored, with the keys of the envelope sender's
+domain — the address submission checked belongs to the user — when that domain is ours
+and has keys. The message is stored once, so its local recipients get the signed copy
+too. Mail that only stays here is not signed, and mail from port 25 never is (a
+forwarding alias must not sign a stranger's message as ours).
+
 Invariants:
 - ``accept`` returns only after the transaction that holds the message has committed:
   the SMTP 250 is sent after that, never before (RFC 5321 §6.1).
@@ -12,6 +19,7 @@ Invariants:
 - Recipient resolution (accounts, aliases, catch-alls) lives here and nowhere else, and
   expands aliases to a bounded depth (no alias loop can hang a delivery).
 - A message reaches each account at most once, however many aliases lead there.
+- Only a signature for the authenticated sender's own domain is ever added (DKIM ``d=``).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import BinaryIO, cast
 
 from postkeep import log
 from postkeep.mail import address as addr
-from postkeep.mail import mime
+from postkeep.mail import dkim, mime
 from postkeep.mail.headers import missing_submission_headers, split_header
 from postkeep.mail.received import received_header
 from postkeep.store.api import (
@@ -132,6 +140,10 @@ class Ingest:
                 if accounts.get(a) is None:
                     accounts[a] = res.inboxes[i] if i < len(res.inboxes) else None
             remote.extend(r for r in res.remote if r not in remote)
+        signed_by = ""
+        if remote and env.authenticated and env.sender:
+            signature, signed_by = await self._dkim_signature(env.sender, prefix, body)
+            prefix = signature + prefix  # DKIM-Signature fields go on top (RFC 6376 §5.6)
         envelope = structure = None
         if accounts:  # only mailboxes need the IMAP analysis; the queue does not
             envelope, structure = await _analyze(cast(BinaryIO, _Prefixed(prefix, body)))
@@ -164,9 +176,39 @@ class Ingest:
         logger.info(
             "ingest.accepted",
             extra={"queue_id": queue_id, "size": len(prefix) + size,
-                   "local": len(accounts), "remote": len(remote)},
+                   "local": len(accounts), "remote": len(remote),
+                   **({"dkim": signed_by} if signed_by else {})},
         )
         return queue_id
+
+    async def _dkim_signature(
+        self, sender: str, prefix: bytes, body: BinaryIO
+    ) -> tuple[bytes, str]:
+        """(DKIM-Signature fields, the signing domain), or (b"", "") when not signing.
+
+        ``d=`` is the envelope sender's domain: submission checked that the user may send
+        as that address, so this never signs for a domain the user is not in. A From field
+        of another domain gets no aligned signature (RFC 7489 §3.1), as it should.
+        """
+        domain = sender.rpartition("@")[2].lower()
+        async with self.store.read() as tx:
+            keys = await tx.dkim_keys(domain)
+        if not keys:
+            return b"", ""
+        body.seek(0)
+        message = prefix + body.read()
+        body.seek(0)
+        try:
+            # A worker thread: RSA signing takes milliseconds, and hashing a large body longer.
+            signature = await asyncio.to_thread(dkim.sign, message, domain, keys)
+        except dkim.DkimError as exc:
+            # Sending unsigned is better than refusing the user's mail: a receiver may still
+            # accept it (DMARC quarantine at worst), and the log says why.
+            logger.warning("ingest.dkim.unsigned", extra={"domain": domain, "reason": str(exc)})
+            return b"", ""
+        if dkim.from_domain(message) != domain:
+            logger.info("ingest.dkim.unaligned", extra={"domain": domain})
+        return signature, domain
 
 
     async def append(

@@ -54,7 +54,11 @@ from postkeep.web import mta_sts
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     domain = sub.add_parser("domain", parents=[common], help="mail domains").add_subparsers(
         dest="action", required=True, metavar="ACTION")
-    for action, helptext in (("add", "serve a domain"), ("del", "stop serving a domain")):
+    for action, helptext in (
+        ("add", "serve a domain (and create its DKIM keys)"),
+        ("del", "stop serving a domain"),
+        ("dns", "print the DNS records the domain needs"),
+    ):
         p = domain.add_parser(action, parents=[common], help=helptext)
         p.add_argument("domain")
         p.set_defaults(run=domain_cmd)
@@ -98,8 +102,22 @@ def _address(text: str) -> str:
     return text.lower()
 
 
+def _domain(text: str) -> str:
+    try:
+        return addr.normalize_domain(text.strip().rstrip("."))
+    except addr.AddressError as exc:
+        raise CliError(f"{text!r} is not a domain name", code=2) from exc
+
+
 def domain_cmd(args: argparse.Namespace) -> int:
     config = config_from(args)
+    if args.action == "dns":
+        return domain_dns(config, _domain(args.domain))
+    name = args.domain.lower() if args.action != "list" else ""
+    # Made before the transaction: RSA key generation takes a moment, and the writer
+    # should not wait for it.
+    keys = dkim.generate_pair() if args.action == "add" else ()
+    added: list[str] = []
 
     async def act(store: Store) -> None:
         if args.action == "list":
@@ -109,11 +127,57 @@ def domain_cmd(args: argparse.Namespace) -> int:
             return
         async with store.write() as tx:
             if args.action == "add":
-                await tx.add_domain(args.domain.lower())
+                if await tx.domain_exists(name):
+                    # A domain made without keys (postkeep init, or before DKIM existed)
+                    # gets them now; one that has keys is a mistake to report.
+                    if await tx.dkim_keys(name):
+                        raise CliError(f"domain {name} already exists")
+                    added.append("keys")
+                else:
+                    await tx.add_domain(name)
+                for key in keys:
+                    await tx.add_dkim_key(name, key.selector, key.algorithm, key.private_pem,
+                                          key.public_txt)
             else:
-                await tx.del_domain(args.domain.lower())
+                await tx.del_domain(name)
 
     with_store(config, act)
+    if args.action == "add":
+        selectors = ", ".join(k.selector for k in keys)
+        what = "created the DKIM keys of" if added else "added"
+        print(f"{what} {name} (DKIM selectors {selectors})")
+        print(f"next: publish its DNS records, see postkeep domain dns {name}")
+    return 0
+
+
+def domain_dns(config: Config, domain: str) -> int:
+    """``postkeep domain dns DOMAIN``: the zone-file lines, from the store and this config."""
+    policy, notes = mta_sts_policy(config)
+
+    async def read(store: Store) -> tuple[list[dkim.SigningKey], list[str]]:
+        async with store.read() as tx:
+            if not await tx.domain_exists(domain):
+                raise CliError(f"{domain} is not a domain served here "
+                               f"(postkeep domain add {domain})")
+            keys: list[dkim.SigningKey] = list(await tx.dkim_keys(domain))
+            missing = []
+            for local in (DMARC_REPORTS, TLS_REPORTS):
+                address = f"{local}@{domain}"
+                if (await tx.get_account(address) is None
+                        and not await tx.alias_targets(address)
+                        and not await tx.alias_targets(f"@{domain}")):
+                    missing.append(address)
+            return keys, missing
+
+    keys, missing = with_store(config, read)
+    if not keys:
+        notes.append(f"{domain} has no DKIM keys: postkeep domain add {domain} creates them")
+    try:
+        records = dns_records(config, domain, keys, mta_sts_policy=policy)
+    except dkim.DkimError as exc:
+        raise CliError(f"a DKIM key of {domain} cannot be read: {exc}") from exc
+    hints = dns_hints(config, domain, missing_reports=missing, notes=notes)
+    print(render_zone(domain, records, hints), end="")
     return 0
 
 

@@ -250,7 +250,10 @@ def sign(message: bytes, domain: str, keys: Sequence[SigningKey]) -> bytes:
     include = fields_to_sign(header_names(message))
     if "from" not in include:
         raise DkimError("a message without a From field cannot be signed (RFC 6376 §5.4)")
-    d = domain.rstrip(".").lower().encode("ascii")
+    try:
+        d = domain.rstrip(".").lower().encode("ascii")
+    except UnicodeEncodeError as exc:  # RFC 6376 §3.5: d= holds A-labels
+        raise DkimError(f"the signing domain {domain!r} is not in A-label form") from exc
     out: list[bytes] = []
     for key in chosen:
         signer = dkim.DKIM(message, linesep=b"\r\n")
