@@ -36,6 +36,11 @@ def test_init_writes_config_certificate_and_store(tmp_path: Path) -> None:
         assert address.host == "127.0.0.1"
     listed = run_postkeep("--config", str(config_path), "domain", "list")
     assert listed.stdout.split() == ["example.test"]
+    # The domain can sign outgoing mail from the start: its DKIM records are printable.
+    records = run_postkeep("--config", str(config_path), "domain", "dns", "example.test")
+    assert records.returncode == 0, records.stderr
+    assert "._domainkey.example.test." in records.stdout
+    assert "k=ed25519" in records.stdout and "k=rsa" in records.stdout
     again = run_postkeep("init", "--dir", str(tmp_path), "--hostname", "x", "--domain", "y")
     assert again.returncode == 1 and "exists" in again.stderr
 

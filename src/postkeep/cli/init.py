@@ -8,6 +8,7 @@ from typing import Any
 
 from postkeep.cli.common import CliError, with_store
 from postkeep.config.load import dev_listeners, load_config, render_config, standard_listeners
+from postkeep.mail import dkim
 from postkeep.store.api import StorageError, StorageErrorKind, Store
 from postkeep.tls.certs import generate_self_signed
 
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     )
     config = load_config(config_path)
     domain = args.domain.lower()
+    keys = dkim.generate_pair()  # the domain signs its outgoing mail from the start
 
     async def add_domain(store: Store) -> None:
         async with store.write() as tx:
@@ -60,8 +62,13 @@ def run(args: argparse.Namespace) -> int:
             except StorageError as exc:
                 if exc.kind is not StorageErrorKind.EXISTS:
                     raise
+            if not await tx.dkim_keys(domain):
+                for key in keys:
+                    await tx.add_dkim_key(domain, key.selector, key.algorithm,
+                                          key.private_pem, key.public_txt)
 
     with_store(config, add_domain)
     print(f"wrote {config_path}; serving domain {domain}")
     print(f"next: postkeep --config {config_path} user add USER@{domain}")
+    print(f"      postkeep --config {config_path} domain dns {domain}   # DNS records to publish")
     return 0
