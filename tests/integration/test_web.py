@@ -457,3 +457,8 @@ def test_metrics_count_accepted_messages_and_outbound_results(
     assert after[accepted] - before[accepted] == 2
     assert after[appended] - before[appended] == 1
     assert after[deferred] - before[deferred] == 1
+    commit_key = ("postkeep_store_commits_total", ())
+    spent_key = ("postkeep_store_commit_seconds_total", ())
+    commits = after[commit_key] - before[commit_key]
+    spent = after[spent_key] - before[spent_key]
+    assert commits >= 2 and 0 < spent < 10 * commits  # a latency was measured per commit

@@ -449,6 +449,7 @@ class StoreStats:
 
     write_transactions: int = 0
     commits: int = 0  # each commit is one fsync of the write-ahead log
+    commit_seconds: float = 0.0  # time spent in those commits, in total (latency = / commits)
 
 
 class Store(Protocol):

@@ -229,6 +229,10 @@ class _Sources(Collector):
             yield CounterMetricFamily(
                 "postkeep_store_commits", "Store commits (each is one fsync; group commit "
                 "puts several write transactions in one)", value=stats.commits)
+            yield CounterMetricFamily(
+                "postkeep_store_commit_seconds", "Time spent committing (and fsyncing); "
+                "divided by postkeep_store_commits_total it is the mean commit latency",
+                value=stats.commit_seconds)
         if self._open is not None:
             yield GaugeMetricFamily(
                 "postkeep_connections_open", "Connections open now, all mail services",

@@ -68,6 +68,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
@@ -520,6 +521,7 @@ class Writer:
 
     async def _finish_batch(self, batch: _Batch) -> None:
         """COMMIT (or roll back a poisoned batch) and tell every member. Never raises."""
+        started = time.perf_counter()
         try:
             error = await self._thread(lambda conn: _commit_batch(conn, batch))
         except StorageError as e:
@@ -532,6 +534,8 @@ class Writer:
             raise
         if error is None:
             self._stats.commits += 1
+            # As the members see it: from the end of the last turn to the COMMIT returning.
+            self._stats.commit_seconds += time.perf_counter() - started
             self._publish_changes(batch)
             batch.done.set_result(None)
             return
