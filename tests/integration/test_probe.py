@@ -368,3 +368,41 @@ def test_versions_agree_with_openssl_s_client(
             assert (outcome == "accepted") == expected, (rep["service"], version, outcome)
             compared += 1
     assert compared >= 14
+
+
+def test_starttls_ports_that_also_take_implicit_tls_are_reported(
+    server: Instance, ca_file: Path
+) -> None:
+    # Default [security] tls_sniff_ms = 200: 587/143/110 answer a first-byte ClientHello.
+    code, data = run_probe("--ports", ports_arg(server), "--ca", str(ca_file))
+    ports = by_service(data)
+    assert code == 0
+    for service in ("submission", "imap", "pop3"):
+        assert ports[service]["mode"] == "starttls"
+        assert ports[service]["implicit_tls_also"] is True, service
+        assert any("SSL/TLS or to" in n for n in ports[service]["notes"]), service
+    for service in ("smtp", "submissions", "imaps", "pop3s"):
+        assert ports[service]["implicit_tls_also"] is None, service
+    settings = {s["service"]: s for d in data["settings"].values() for s in d}
+    assert settings["imap"]["security"] == "STARTTLS" and settings["imap"]["implicit_tls_also"]
+    assert settings["imaps"]["implicit_tls_also"] is False
+    # Implicit-TLS ports stay the recommendation (RFC 8314 §3.3).
+    assert data["settings"]["incoming"][0]["service"] == "imaps"
+    table = run_postkeep("probe", "127.0.0.1", "--ports", ports_arg(server), "--ca",
+                         str(ca_file)).stdout
+    assert "either works there" in table
+
+
+def test_starttls_ports_without_sniffing_do_not_take_implicit_tls(
+    make_instance: Callable[..., Instance], ca_file: Path
+) -> None:
+    server = make_instance(
+        services=("submission", "imap", "pop3"), extra="[security]\ntls_sniff_ms = 0\n"
+    )
+    _, data = run_probe("--ports", ports_arg(server), "--ca", str(ca_file))
+    ports = by_service(data)
+    for service in ("submission", "imap", "pop3"):
+        assert ports[service]["mode"] == "starttls"
+        assert ports[service]["implicit_tls_also"] is False, service
+        assert ports[service]["verdict"] == "secure", ports[service]["reasons"]
+    assert all(not s["implicit_tls_also"] for d in data["settings"].values() for s in d)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import imaplib
 import os
 import plistlib
+import re
 import shutil
 import smtplib
 import ssl
@@ -430,6 +431,20 @@ def test_setup_page_without_plaintext_access_shows_no_143_or_110(
 def test_setup_page_for_unknown_domain_is_404(web: Instance) -> None:
     assert fetch(web, "/setup?domain=elsewhere.test")[0] == 404
     assert fetch(web, "/")[0] == 200  # redirected to /setup
+
+
+def test_setup_page_says_ssl_tls_also_works_on_starttls_ports_with_sniffing(
+    web: Instance, make_instance: Callable[..., Instance],
+) -> None:
+    page = fetch(web, "/setup", host="example.test")[2].decode()
+    rows = dict(re.findall(r'<td class="port">(\d+)</td><td>(.*?)</td>', page))
+    for service in ("submission", "imap", "pop3"):  # default tls_sniff_ms = 200
+        assert "SSL/TLS also works on this port" in rows[str(web.ports[service])], service
+    for service in ("submissions", "imaps", "pop3s"):
+        assert "also works" not in rows[str(web.ports[service])], service
+    assert "recommended" in rows[str(web.ports["imaps"])]
+    off = make_instance(services=WITH_HTTP, extra="[security]\ntls_sniff_ms = 0\n")
+    assert "also works" not in fetch(off, "/setup", host="example.test")[2].decode()
 
 
 def test_metrics_count_accepted_messages_and_outbound_results(

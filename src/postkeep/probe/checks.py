@@ -12,7 +12,10 @@ STARTTLS/STLS elsewhere) and the other one if the expected mode does not work:
    after TLS, the negotiated version and cipher and the server's certificate;
 2. one handshake per TLS version (1.0-1.3) with a version-pinned probe context;
 3. two verifying handshakes (system CAs; ``--ca``), for the chain's validity;
-4. with ``--active`` only: a fake login before TLS, and STARTTLS with a pipelined NOOP.
+4. with ``--active`` only: a fake login before TLS, and STARTTLS with a pipelined NOOP;
+5. on 587/143/110 found speaking STARTTLS: one more connection that starts a TLS handshake
+   from the first byte, for servers that accept both (postkeep's ``tls_sniff_ms``), so
+   a mail program set to SSL/TLS on that port is known to work too.
 
 Invariants:
 - Every network step has ``Options.timeout``; every connection is closed in ``finally``.
@@ -80,6 +83,9 @@ PRETTY = {"TLSv1": "TLS 1.0", "TLSv1.1": "TLS 1.1", "TLSv1.2": "TLS 1.2", "TLSv1
 MIN_RSA_BITS = 2048
 #: How long to wait, after the injection test's handshake, for an unasked-for answer.
 INJECTION_WAIT = 1.5
+#: STARTTLS ports also tried with a handshake from the first byte (DESIGN.md §1; not port
+#: 25, where senders never use implicit TLS).
+IMPLICIT_ALSO_TRIED = frozenset({Service.SUBMISSION, Service.IMAP, Service.POP3})
 #: Substrings of OpenSSL cipher names that no server should negotiate any more.
 WEAK_CIPHER_PARTS = ("RC4", "DES", "NULL", "EXP", "ANON", "ADH", "AECDH", "MD5")
 
@@ -145,6 +151,9 @@ class PortReport:
     plaintext_after_go_ahead: int | None = None  # bytes, on the main connection
     login_attempt: LoginAttempt | None = None
     injection: Injection | None = None
+    #: A STARTTLS port (587/143/110) that also completed a handshake from the first byte
+    #: and then greeted; None: not tried (another port, or STARTTLS did not work).
+    implicit_tls_also: bool | None = None
     verdict: str = "closed"
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -276,7 +285,10 @@ class PortProbe:
             rep.error = "; ".join(errors) or "no mail protocol answered"
             return judge(rep)
         if rep.mode != "plaintext":
-            await asyncio.gather(self._versions(), self._verify())
+            extra: list[Awaitable[None]] = [self._versions(), self._verify()]
+            if rep.mode == "starttls" and self.service in IMPLICIT_ALSO_TRIED:
+                extra.append(self._implicit_also())
+            await asyncio.gather(*extra)
         if self.opts.active:
             work: list[Awaitable[None]] = []
             if rep.before_tls is not None:
@@ -337,6 +349,33 @@ class PortProbe:
             rep.after_tls = await _maybe(d.offer())
         finally:
             conn.close()
+
+    async def _implicit_also(self) -> None:
+        """Does this STARTTLS port also answer a client set to SSL/TLS (implicit TLS)?"""
+        ctx = self.policy.client_context("probe", ciphers="DEFAULT")
+
+        async def attempt() -> None:
+            conn = await self._open()
+            try:
+                if conn.take_buffer():
+                    # It greeted in plaintext before our ClientHello: STARTTLS only.
+                    raise DialogueError("plaintext greeting before the handshake")
+                await conn.start_tls(ctx, server_hostname=self._sni(False),
+                                     timeout=self.opts.timeout)
+                await self._dialogue(conn).greeting()
+            finally:
+                conn.close()
+
+        try:
+            await self._bounded(attempt)
+        except (DialogueError, OSError, TimeoutError, ssl.SSLError, WireError):
+            self.report.implicit_tls_also = False
+            return
+        self.report.implicit_tls_also = True
+        self.report.notes.append(
+            f"port {self.port} also accepts SSL/TLS from the first byte: a mail program set "
+            f"to SSL/TLS or to {UPGRADE_WORD[self.report.protocol]} works here"
+        )
 
     def _tls_facts(self, conn: Connection) -> None:
         obj = conn.ssl_object

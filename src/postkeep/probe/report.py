@@ -46,6 +46,9 @@ gets a new schema name)::
                                              # --active; refused | rejected | accepted |
                                              # unavailable | error
           },
+          "implicit_tls_also": null | true,  # 587/143/110 found speaking STARTTLS: a
+                                             # handshake from the first byte works too
+                                             # (false: tried, refused; null: not tried)
           "starttls": {
             "offered": true,                 # null on implicit-TLS ports
             "plaintext_after_go_ahead": 0,   # bytes the server sent after its go-ahead
@@ -60,6 +63,7 @@ gets a new schema name)::
       "settings": {                          # secure ports only, best first
         "incoming": [{"protocol": "IMAP", "server": "…", "port": 993, "service": "imaps",
                       "security": "SSL/TLS",
+                      "implicit_tls_also": false,   # a STARTTLS port where SSL/TLS works too
                       "words": {"Thunderbird": "SSL/TLS", "Outlook": "SSL/TLS",
                                 "Apple Mail": "on",
                                 "K-9 Mail / Thunderbird for Android": "SSL/TLS"}}],
@@ -184,6 +188,7 @@ def _port(rep: PortReport) -> dict[str, Any]:
                 "error": inj.error,
             },
         },
+        "implicit_tls_also": rep.implicit_tls_also,
         "verdict": rep.verdict,
         "reasons": list(rep.reasons),
         "notes": list(rep.notes),
@@ -229,6 +234,7 @@ def to_dict(result: ProbeResult) -> dict[str, Any]:
                     "port": s.port,
                     "service": s.service.value,
                     "security": s.security,
+                    "implicit_tls_also": s.implicit_also,
                     "words": {program: s.word(program) for program in CLIENT_WORDS},
                 }
                 for s in rows
@@ -325,8 +331,13 @@ def render(result: ProbeResult, console: Console) -> None:
         )
         for program, (setting, _, _) in CLIENT_WORDS.items():
             console.print(f"    {program}: {setting} = {best.word(program)}", highlight=False)
+        if best.implicit_also:
+            console.print(f"    (SSL/TLS works on port {best.port} too)", highlight=False)
         for alt in rows[1:]:
-            console.print(f"    also secure: {alt.protocol} port {alt.port} with {alt.security}",
-                          highlight=False)
+            either = " or SSL/TLS (either works there)" if alt.implicit_also else ""
+            console.print(
+                f"    also secure: {alt.protocol} port {alt.port} with {alt.security}{either}",
+                highlight=False,
+            )
     verdict = overall(result)
     console.print(f"\nOverall: [bold {_COLOURS[verdict]}]{verdict}[/]")

@@ -1,8 +1,10 @@
 """What to type into a mail program, from what the probe found — and the autoconfig file.
 
 Only ports judged *secure* are ever recommended. Implicit TLS comes first (RFC 8314 §3.3:
-"SSL/TLS" on 993/465/995), STARTTLS second; IMAP before POP3 (it keeps mail on the server,
-which is what people with more than one device expect).
+"SSL/TLS" on 993/465/995), STARTTLS second (a STARTTLS port that also accepts SSL/TLS is
+still listed as STARTTLS, marked ``implicit_also``: either setting works there); IMAP
+before POP3 (it keeps mail on the server, which is what people with more than one device
+expect).
 
 The security setting has a different name, and sometimes a different word, in each
 program; ``CLIENT_WORDS`` is the one table of them.
@@ -43,6 +45,8 @@ class ServerSetting:
     server: str
     port: int
     security: str  # "SSL/TLS" (implicit TLS) or "STARTTLS"
+    #: A STARTTLS port that also accepts SSL/TLS from the first byte: either setting works.
+    implicit_also: bool = False
 
     def word(self, program: str) -> str:
         _, implicit, starttls = CLIENT_WORDS[program]
@@ -57,6 +61,7 @@ def _setting(direction: str, rep: PortReport, host: str) -> ServerSetting:
         server=host,
         port=rep.port,
         security="SSL/TLS" if rep.mode == "implicit_tls" else "STARTTLS",
+        implicit_also=rep.implicit_tls_also is True,
     )
 
 

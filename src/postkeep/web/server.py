@@ -294,6 +294,8 @@ class WebServer:
             hostname=self._config.hostname, domain=domain, eps=self._endpoints(),
             other_domains=[d for d in domains if d != domain],
             self_signed_fingerprint=cert.fingerprint if cert.self_signed else None,
+            # net/listener.py: with sniffing, 587/143/110 also take a first-byte handshake.
+            implicit_also=self._config.security.tls_sniff_ms > 0,
         )
         return web.Response(text=page, content_type="text/html", charset="utf-8",
                             headers={"Cache-Control": "no-cache", **SETUP_HEADERS})

@@ -11,6 +11,9 @@ meta, one fluid column, tables that fit 320 px).
 Invariants:
 - Every value put in the page goes through ``html.escape``.
 - Only open ports are listed (from ``autoconfig.endpoints``), implicit TLS first.
+- With ``implicit_also`` (``[security] tls_sniff_ms > 0``: 587/143/110 answer a TLS
+  ClientHello sent as the first byte), each STARTTLS row says that SSL/TLS works there too;
+  the recommendation stays the implicit-TLS port (RFC 8314 §3.3).
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ AUTH_WORDS = (
 )
 
 SECURITY_WORDS = {Security.SSL: "SSL/TLS", Security.STARTTLS: "STARTTLS"}
+
+#: Under a STARTTLS row when the listener also accepts a handshake from the first byte.
+ALSO_SSL_WORDS = "SSL/TLS also works on this port"
 
 EXPLANATION = (
     "SSL/TLS encrypts the connection from the first byte; STARTTLS connects unencrypted "
@@ -73,6 +79,7 @@ font-size:.95rem}
 .ssl{background:#dff3e4;color:#14532d}
 .starttls{background:#e3ecfb;color:#1e3a8a}
 .rec{color:#14532d;font-size:.85rem;display:block}
+.also{color:#444;font-size:.85rem;display:block}
 .note{background:#fff8e1;border-color:#f0d98a}
 .why{background:#eef4ff;border-color:#c9d8f5}
 form{display:flex;flex-wrap:wrap;gap:.5rem;margin-top:.5rem}
@@ -84,14 +91,19 @@ footer{color:#666;font-size:.85rem;text-align:center;padding:.5rem 0 1.5rem}
 """
 
 
-def _port_table(eps: Sequence[Endpoint]) -> str:
+def _port_table(eps: Sequence[Endpoint], implicit_also: bool) -> str:
     rows = []
     for i, ep in enumerate(eps):
         cls = ep.security.value
         rec = '<span class="rec">recommended</span>' if i == 0 and len(eps) > 1 else ""
+        also = (
+            f'<span class="also">{escape(ALSO_SSL_WORDS)}</span>'
+            if implicit_also and ep.security is Security.STARTTLS else ""
+        )
         rows.append(
             f'<tr><td class="port">{ep.port}</td>'
-            f'<td><span class="sec {cls}">{SECURITY_WORDS[ep.security]}</span>{rec}</td></tr>'
+            f'<td><span class="sec {cls}">{SECURITY_WORDS[ep.security]}</span>{rec}{also}'
+            "</td></tr>"
         )
     return (
         '<table><thead><tr><th>Port</th><th>Connection security</th></tr></thead>'
@@ -99,12 +111,15 @@ def _port_table(eps: Sequence[Endpoint]) -> str:
     )
 
 
-def _server_section(title: str, hostname: str, eps: Sequence[Endpoint]) -> str:
+def _server_section(
+    title: str, hostname: str, eps: Sequence[Endpoint], implicit_also: bool
+) -> str:
     if not eps:
         return ""
     return (
         f"<section><h2>{escape(title)}</h2>"
-        f'<p>Server: <code>{escape(hostname)}</code></p>{_port_table(eps)}</section>'
+        f"<p>Server: <code>{escape(hostname)}</code></p>"
+        f"{_port_table(eps, implicit_also)}</section>"
     )
 
 
@@ -138,6 +153,7 @@ def render(
     other_domains: Sequence[str] = (),
     self_signed_fingerprint: str | None = None,
     apple_profile: bool = True,
+    implicit_also: bool = False,
 ) -> str:
     """The whole page, as a string of HTML."""
     h, d = escape(hostname), escape(domain)
@@ -152,9 +168,12 @@ def render(
         "</tbody></table></section>"
     )
     sections = [
-        _server_section("Incoming mail: IMAP (recommended)", hostname, of(eps, Protocol.IMAP)),
-        _server_section("Incoming mail: POP3", hostname, of(eps, Protocol.POP3)),
-        _server_section("Outgoing mail: SMTP", hostname, of(eps, Protocol.SMTP)),
+        _server_section("Incoming mail: IMAP (recommended)", hostname,
+                        of(eps, Protocol.IMAP), implicit_also),
+        _server_section("Incoming mail: POP3", hostname, of(eps, Protocol.POP3),
+                        implicit_also),
+        _server_section("Outgoing mail: SMTP", hostname, of(eps, Protocol.SMTP),
+                        implicit_also),
     ]
     words = (
         "<section><h2>What your program calls it</h2>"

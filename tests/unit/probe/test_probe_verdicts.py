@@ -153,8 +153,9 @@ def test_json_has_every_documented_key() -> None:
                          "ports", "settings", "dns"}
     imaps = data["ports"][0]
     assert set(imaps) == {"service", "port", "expected_mode", "reachable", "mode", "greeting",
-                          "error", "tls", "credentials", "starttls", "verdict", "reasons",
-                          "notes"}
+                          "error", "tls", "credentials", "starttls", "implicit_tls_also",
+                          "verdict", "reasons", "notes"}
+    assert imaps["implicit_tls_also"] is None
     assert imaps["tls"]["versions"] == MODERN
     assert set(imaps["tls"]["certificate"]) >= {"names", "days_left", "key_type", "key_bits",
                                                 "name_matches", "trusted", "verify_error"}
