@@ -134,6 +134,7 @@ class App:
                     sniff=sniff,
                     pregreet_error=pregreet,
                     metrics=self.metrics,
+                    proxy_trusted=self.config.proxy_protocol.get(service),
                 )
                 listener.bind()
                 self.listeners.append(listener)

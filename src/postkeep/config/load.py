@@ -19,10 +19,14 @@ Invariants:
 - ``render_config`` writes every key with a comment, and ``load_config`` of its output
   gives back the values it was given.
 - A PostgreSQL DSN (which may hold a password) is never echoed in an error message.
+- ``[proxy_protocol]`` is optional and rendered commented out: with it, a service trusts
+  the client address a load balancer puts in a PROXY header, so every entry is a valid
+  network and none is empty.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import ipaddress
@@ -66,6 +70,9 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "dns": tuple(f.name for f in dataclasses.fields(DnsConfig)),
     "outbound": tuple(f.name for f in dataclasses.fields(OutboundConfig)),
 }
+#: Optional section: service → trusted networks (not in SECTIONS: ``render_config`` writes
+#: it commented out unless given values).
+PROXY_SECTION = "proxy_protocol"
 RELAY_SECURITY = ("tls", "starttls")
 #: RFC 5321 §4.5.3.1.4: a server must accept command lines of 512 octets.
 MIN_LINE_LENGTH = 512
@@ -114,7 +121,8 @@ def _where(name: str) -> str | None:
 def _unknown(name: str, allowed: Sequence[str], *, section: str | None) -> str:
     close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.7)
     if close:
-        hint = f"[{close[0]}]" if section is None and close[0] in SECTIONS else close[0]
+        known = close[0] in SECTIONS or close[0] == PROXY_SECTION
+        hint = f"[{close[0]}]" if section is None and known else close[0]
         return f'unknown key; did you mean "{hint}"?'
     where = _where(name)
     if where and not (section is None and name in SECTIONS):
@@ -451,6 +459,58 @@ def _load_listeners(file: Path, doc: Mapping[str, Any]) -> dict[Service, tuple[A
     return out
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _load_proxy_protocol(file: Path, doc: Mapping[str, Any]) -> dict[Service, tuple[Network, ...]]:
+    """``[proxy_protocol]``: ``submissions = ["10.0.0.0/8", "127.0.0.1/32"]``."""
+    table = _table(file, doc, PROXY_SECTION)
+    reader = _Reader(file, PROXY_SECTION, table)
+    out: dict[Service, tuple[Network, ...]] = {}
+    for service in Service:
+        if service.value not in table:
+            continue
+        if service is Service.HTTP:
+            raise reader.error(
+                service.value,
+                "the web listener does not read PROXY headers; put an HTTP proxy in front "
+                "of it instead",
+            )
+        raw = table[service.value]
+        if not isinstance(raw, list):
+            raise reader.error(
+                service.value,
+                f'expected a list of networks (["10.0.0.0/8"]), got {_describe_type(raw)}',
+            )
+        if not raw:
+            raise reader.error(
+                service.value,
+                "an empty list would refuse every connection; remove the key to turn the "
+                "PROXY protocol off",
+            )
+        nets: list[Network] = []
+        for item in raw:
+            if not isinstance(item, str):
+                raise reader.error(
+                    service.value,
+                    f"expected a list of networks (strings), found {_describe_type(item)}",
+                )
+            try:
+                net = ipaddress.ip_network(item, strict=True)
+            except ValueError as exc:
+                hint = ""
+                with contextlib.suppress(ValueError):
+                    hint = f"; did you mean {ipaddress.ip_network(item, strict=False)}?"
+                raise reader.error(
+                    service.value,
+                    f"{_toml_str(item)} is not a network like 10.0.0.0/8 or 2001:db8::/32 "
+                    f"({exc}){hint}",
+                ) from None
+            nets.append(net)
+        out[service] = tuple(nets)
+    return out
+
+
 def _load_storage(file: Path, doc: Mapping[str, Any]) -> StorageConfig:
     storage = _section(file, doc, "storage", StorageConfig)
     reader = _Reader(file, "storage", {})
@@ -667,9 +727,12 @@ def load_config(path: Path, *, check_tls_files: bool = True) -> Config:
     # Unknown keys first, in every table, before any value is judged: a misspelt
     # `legacy_clinets = true` must be reported as such, not as the min_version it causes.
     top = _Reader(file, None, doc)
-    top.check_keys((*TOP_KEYS, *SECTIONS))
+    top.check_keys((*TOP_KEYS, *SECTIONS, PROXY_SECTION))
     for name, allowed in SECTIONS.items():
         _Reader(file, name, _table(file, doc, name)).check_keys(allowed)
+    _Reader(file, PROXY_SECTION, _table(file, doc, PROXY_SECTION)).check_keys(
+        tuple(s.value for s in Service)
+    )
 
     hostname = top.require("hostname", str, "a string")
     problem = _check_hostname(hostname)
@@ -692,6 +755,7 @@ def load_config(path: Path, *, check_tls_files: bool = True) -> Config:
     auth = _section(file, doc, "auth", AuthConfig)
     dns = _load_dns(file, doc)
     outbound = _load_outbound(file, base, doc, check_files=check_tls_files)
+    proxy_protocol = _load_proxy_protocol(file, doc)
     if check_tls_files:
         _check_pair(file, tls)
     return Config(
@@ -706,6 +770,7 @@ def load_config(path: Path, *, check_tls_files: bool = True) -> Config:
         auth=auth,
         dns=dns,
         outbound=outbound,
+        proxy_protocol=proxy_protocol,
         log_level=log_level,
     )
 
@@ -901,12 +966,14 @@ def render_config(
     auth: AuthConfig | None = None,
     dns: DnsConfig | None = None,
     outbound: OutboundConfig | None = None,
+    proxy_protocol: Mapping[Service, Sequence[str]] | None = None,
 ) -> str:
     """The ``postkeep.toml`` that ``postkeep init`` writes: every key, each with a comment.
 
     Paths are written as given: a relative path stays relative to the file's directory.
     Services missing from ``listeners`` are written as ``""`` (disabled). Values left as
-    ``None`` take the defaults of ``config/schema.py``.
+    ``None`` take the defaults of ``config/schema.py``. Without ``proxy_protocol``, that
+    section is written commented out, as an example.
     """
     tls_defaults = TlsConfig(cert=Path(cert), key=Path(key))
     tls = dataclasses.replace(
@@ -957,7 +1024,25 @@ def render_config(
         # An unset optional path (None) is written as "", which load_config reads as None.
         section(name, [(f.name, _or_empty(getattr(obj, f.name)))
                        for f in dataclasses.fields(obj)])
+    out.append("")
+    out.extend(f"# {c}" for c in _PROXY_COMMENTS)
+    if proxy_protocol:
+        out.append(f"[{PROXY_SECTION}]")
+        for service, networks in proxy_protocol.items():
+            out.extend(_line(None, service.value, list(networks)))
+    else:
+        out.append(f"# [{PROXY_SECTION}]")
+        out.append('# submissions = ["10.0.0.0/8"]')
     return "\n".join(out) + "\n"
+
+
+_PROXY_COMMENTS = (
+    "Behind a load balancer (HAProxy send-proxy/send-proxy-v2, a cloud TCP load",
+    "balancer): per service, the networks the balancer connects from. Each connection to",
+    "that service must then come from one of them and start with a PROXY protocol v1/v2",
+    "header; the client address in it is used for limits, throttling and logs. Any other",
+    "connection to that service is refused.",
+)
 
 
 #: DESIGN.md §1: dev ports are 10000 + the standard port, and http's is 10080 (10000 + 80),

@@ -11,6 +11,7 @@ Invariants:
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -159,6 +160,12 @@ class Config:
     auth: AuthConfig = AuthConfig()
     dns: DnsConfig = DnsConfig()
     outbound: OutboundConfig = OutboundConfig()
+    # [proxy_protocol]: per service, the networks of the load balancers in front of it.
+    # A service listed here reads a PROXY v1/v2 header on every address it listens on and
+    # refuses connections from anywhere else (net/listener.py, net/proxy.py).
+    proxy_protocol: dict[Service, tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]] = (
+        field(default_factory=dict)
+    )
     log_level: str = "info"  # top-level log_level: "trace", "debug", "info", "warning"
 
     def enabled(self, service: Service) -> tuple[Address, ...]:

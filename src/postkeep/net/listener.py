@@ -23,12 +23,20 @@ Invariants:
   and counted once; nothing is consumed from the socket before TLS or the core reads it.
 - ``ConnInfo.mode`` is the listener's mode; ``tls_sniffed`` says that a STARTTLS port's
   connection is TLS from the first byte (the core then neither offers nor needs STARTTLS).
+- With ``proxy_trusted`` set (``[proxy_protocol]``), a PROXY v1/v2 header is read before
+  anything else — before the first-bytes sniff and the TLS handshake — and exactly to its
+  end, never into the ClientHello or the first command. A connection from outside the
+  trusted networks, or without a valid header in time, is closed (``conn.proxy.refused``)
+  before it takes a slot. Otherwise the client address in the header is ``peer`` for
+  the connection limits, the auth throttle, the Received header and every log line, and
+  the load balancer's address is logged as ``via``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import secrets
 import socket
 import ssl
@@ -39,6 +47,7 @@ from typing import Protocol
 
 from postkeep import log
 from postkeep.config.schema import Address, Mode, Service
+from postkeep.net.proxy import HeaderReader, ProxyError, ProxyHeader
 from postkeep.net.stream import Stream
 from postkeep.tls.policy import TlsContext, describe
 
@@ -48,6 +57,10 @@ TLS_HANDSHAKE_RECORD = 0x16  # RFC 8446 §5.1: ContentType handshake(22)
 HANDSHAKE_TIMEOUT = 30.0
 #: Above the configured limits by this factor, connections are dropped without a reply.
 HARD_LIMIT_FACTOR = 2
+#: Seconds a trusted load balancer has to send the PROXY header (it sends it at connect).
+PROXY_HEADER_TIMEOUT = 5.0
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(slots=True)
@@ -59,6 +72,7 @@ class ConnInfo:
     cid: str
     over_limit: bool = False  # the handler must refuse politely (421 / BYE / -ERR) and close
     tls_sniffed: bool = False  # STARTTLS port, but the client sent a ClientHello first
+    via: str | None = None  # the load balancer's address, when a PROXY header named the peer
     started: float = field(default_factory=time.monotonic)
 
 
@@ -125,6 +139,8 @@ class Listener:
         sniff: float = 0.0,
         pregreet_error: bytes = b"",
         metrics: ConnectionMetrics | None = None,
+        proxy_trusted: tuple[Network, ...] | None = None,
+        proxy_timeout: float = PROXY_HEADER_TIMEOUT,
     ) -> None:
         if mode is Mode.IMPLICIT and tls is None:
             raise ValueError("an implicit-TLS listener needs a TLS context")
@@ -141,6 +157,10 @@ class Listener:
         self.sniff = sniff
         self.pregreet_error = pregreet_error
         self._metrics = metrics
+        # None: no PROXY protocol. Otherwise every connection must come from one of these
+        # networks and start with a PROXY header.
+        self.proxy_trusted = proxy_trusted
+        self._proxy_timeout = proxy_timeout
         self._sock: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
 
@@ -207,6 +227,21 @@ class Listener:
     async def _serve(self, conn: socket.socket, ip: str, port: int) -> None:
         info = ConnInfo(self.service, self.mode, ip, port, secrets.token_hex(6))
         log.bind(cid=info.cid, service=self.service.value, peer=ip)
+        if self.proxy_trusted is not None:
+            try:
+                header = await self._proxy_header(conn, ip)
+            except ProxyError as exc:
+                logger.info("conn.proxy.refused", extra={"reason": str(exc)})
+                conn.close()
+                return
+            except BaseException:  # cancelled at shutdown
+                conn.close()
+                raise
+            if header.source is not None:
+                info.via = ip
+                ip, port = header.source
+                info.peer_ip, info.peer_port = ip, port
+                log.bind(peer=ip, via=info.via)
         over, hard = self._tracker.acquire(ip)
         stream: Stream | None = None
         try:
@@ -281,6 +316,37 @@ class Listener:
         assert isinstance(proto, Stream)
         return proto
 
+    async def _proxy_header(self, conn: socket.socket, ip: str) -> ProxyHeader:
+        """Read the PROXY header off the raw socket, exactly to its end.
+
+        Each round peeks, lets the reader say how many of the peeked bytes are header, and
+        receives only those: what follows (a ClientHello, a command) stays in the kernel.
+        """
+        if not _trusted(ip, self.proxy_trusted or ()):
+            raise ProxyError(f"{ip} is not in the trusted networks of [proxy_protocol]")
+        loop = asyncio.get_running_loop()
+        reader = HeaderReader()
+        deadline = loop.time() + self._proxy_timeout
+        while reader.header is None:
+            if not await _readable(conn, deadline - loop.time()):
+                raise ProxyError(f"no complete PROXY header within {self._proxy_timeout:g}s")
+            try:
+                peeked = conn.recv(reader.wanted(), socket.MSG_PEEK)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise ProxyError(f"connection failed: {exc.strerror or exc}") from None
+            if not peeked:
+                raise ProxyError("connection closed before the PROXY header ended")
+            n = reader.consume(peeked)
+            try:
+                got = conn.recv(n)  # already in the kernel buffer: exactly n bytes
+            except OSError as exc:
+                raise ProxyError(f"connection failed: {exc.strerror or exc}") from None
+            if got != peeked[:n]:
+                raise ProxyError("the PROXY header changed between peek and read")
+        return reader.header
+
     def _first_bytes(self, verdict: str) -> None:
         logger.info("conn.first_bytes", extra={"outcome": verdict})
         if self._metrics is not None:
@@ -330,6 +396,36 @@ class Listener:
                     break
                 received += len(chunk)
         conn.close()
+
+
+def _trusted(ip: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
+
+
+async def _readable(conn: socket.socket, timeout: float) -> bool:
+    """Wait until the socket has bytes (or EOF) to read; False on timeout."""
+    if timeout <= 0:
+        return False
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = conn.fileno()
+
+    def readable() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await asyncio.wait_for(ready, timeout)
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+    return True
 
 
 def _ssl_reason(exc: BaseException) -> str:
