@@ -511,3 +511,37 @@ async def test_naive_internal_date_is_refused(sq: SqliteStore) -> None:
         ref = await tx.put_blob(b"x")
         with pytest.raises(ValueError):
             await tx.append(mailbox_id, ref, when=datetime(2024, 1, 1))
+
+
+async def test_group_commit_many_concurrent_writes(db: Path) -> None:
+    # Moved from the contract suite: fewer COMMITs than transactions is SQLite's group
+    # commit. PostgreSQL commits each transaction itself (its WAL flushes may be shared,
+    # but the store cannot see that), so there commits == transactions.
+    store = SqliteStore(db)
+    await store.open()
+    try:
+        inbox_id = await _inbox_id(store)
+        txs0, commits0 = store.stats.write_transactions, store.stats.commits
+
+        async def deliver(i: int) -> int:
+            async with store.write() as tx:
+                blob = await tx.put_blob(b"message %d" % i)
+                return await tx.append(inbox_id, blob)
+
+        uids = await asyncio.gather(*(deliver(i) for i in range(50)))
+        txs = store.stats.write_transactions - txs0
+        commits = store.stats.commits - commits0
+        assert txs == 50
+        assert 1 <= commits < txs
+        assert len(set(uids)) == 50
+    finally:
+        await store.close()
+    store = SqliteStore(db)
+    await store.open()
+    try:
+        async with store.read() as tx:
+            rows = await tx.messages(inbox_id)
+            got = {r.uid: await tx.read_blob(r.blob) for r in rows}
+    finally:
+        await store.close()
+    assert got == {uid: b"message %d" % i for i, uid in enumerate(uids)}

@@ -310,9 +310,10 @@ async def test_failing_tx_rolls_back_only_itself(store: Store, reopen: Reopen) -
     assert bodies == {uid: f"message {i}".encode() for i, uid in ok.items()}
 
 
-async def test_group_commit_many_concurrent_writes(store: Store, reopen: Reopen) -> None:
+async def test_many_concurrent_writes(store: Store, reopen: Reopen) -> None:
+    # Group commit itself (fewer COMMITs than transactions) is SQLite's: test_sqlite_store.
     inbox = await _inbox(store)
-    txs0, commits0 = store.stats.write_transactions, store.stats.commits
+    txs0 = store.stats.write_transactions
 
     async def deliver(i: int) -> int:
         async with store.write() as tx:
@@ -320,10 +321,7 @@ async def test_group_commit_many_concurrent_writes(store: Store, reopen: Reopen)
             return await tx.append(inbox.id, blob)
 
     uids = await asyncio.gather(*(deliver(i) for i in range(50)))
-    txs = store.stats.write_transactions - txs0
-    commits = store.stats.commits - commits0
-    assert txs == 50
-    assert 1 <= commits < txs
+    assert store.stats.write_transactions - txs0 == 50
     assert len(set(uids)) == 50
     store = await reopen(store)
     async with store.read() as tx:

@@ -14,4 +14,9 @@ def make_store(config: Config) -> Store:
         from postkeep.store.sqlite import SqliteStore
 
         return SqliteStore(config.data_dir / SQLITE_FILE)
+    if config.storage.backend == "postgresql":
+        from postkeep.store.postgres import PostgresStore
+
+        assert config.storage.dsn  # config/load.py refuses postgresql without a dsn
+        return PostgresStore(config.storage.dsn)
     raise NotImplementedError(f"storage backend {config.storage.backend!r} is not available yet")

@@ -1,0 +1,458 @@
+"""``PostgresStore``: the ``Store`` on PostgreSQL through an asyncpg connection pool.
+
+A write transaction is one PostgreSQL transaction (READ COMMITTED, with row locks where
+a value is read and then written: mailbox rows for UIDs and modseqs, ``FOR UPDATE SKIP
+LOCKED`` for queue claims). Each changing call runs in a SAVEPOINT of its own (a nested
+``conn.transaction()``), so a call that raises leaves the transaction as it was and the
+caller may go on. A read transaction is a REPEATABLE READ, READ ONLY snapshot.
+
+Invariants:
+- ``async with store.write()`` returns only after COMMIT returned, with
+  ``synchronous_commit = on`` set on every connection: the COMMIT is in the server's
+  durable WAL (and on synchronous standbys, if the operator configured any) before the
+  caller may acknowledge anything. A COMMIT whose outcome is unknown (the connection
+  dropped) raises TEMP: the sender retries, so a message may arrive twice, never zero times.
+- Changes are published on ``store.changes`` after COMMIT, never for a rolled-back
+  transaction or a call that raised. They are in-process for now; for several nodes the
+  transaction will NOTIFY them before COMMIT (delivered only if it commits, to every
+  node), and each node's LISTEN callback will feed the same ``LocalChangeFeed``.
+- One transaction is one pooled connection; its calls are serialised by a lock (asyncpg
+  runs one query at a time per connection). A transaction object is dead after its block.
+- No asyncpg exception leaves the package: callers see ``StorageError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import datetime
+from typing import Any, BinaryIO, TypeAlias, TypeVar
+
+import asyncpg
+
+from postkeep.store.api import (
+    Account,
+    AccountId,
+    Alias,
+    BlobRef,
+    Change,
+    ChangeFeed,
+    DkimKey,
+    Domain,
+    FlagChange,
+    FlagOp,
+    Mailbox,
+    MailboxId,
+    MessageRow,
+    OutboundRow,
+    QueueEntry,
+    QueueId,
+    ReadTx,
+    RecipientState,
+    StorageError,
+    StorageErrorKind,
+    StoreStats,
+    Uid,
+    WriteTx,
+)
+from postkeep.store.postgres import ops
+from postkeep.store.postgres.migrate import migrate
+from postkeep.store.sqlite.feed import DEFAULT_BACKLOG, LocalChangeFeed
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: An ``asyncpg.Connection`` (asyncpg ships no type information).
+Conn: TypeAlias = Any
+
+#: Per-connection settings. synchronous_commit is the durability point of the store
+#: (a cluster default of "off" or "local" must not weaken it).
+SERVER_SETTINGS = {"synchronous_commit": "on", "application_name": "postkeep"}
+
+
+def convert(e: BaseException, doing: str = "") -> StorageError:
+    """The ``StorageError`` for an asyncpg or connection error. Raise it ``from e``."""
+    detail = f"{doing}: {type(e).__name__}: {e}" if doing else f"{type(e).__name__}: {e}"
+    if isinstance(e, asyncpg.UniqueViolationError):
+        return StorageError(StorageErrorKind.EXISTS, detail)
+    if isinstance(e, asyncpg.ForeignKeyViolationError):
+        return StorageError(StorageErrorKind.NOT_FOUND, detail)
+    if isinstance(e, asyncpg.IntegrityConstraintViolationError):
+        # CHECK / NOT NULL: the data breaks a rule of the schema; retrying will not help.
+        return StorageError(StorageErrorKind.PERM, detail)
+    if isinstance(e, asyncpg.ProgramLimitExceededError):
+        return StorageError(StorageErrorKind.LIMIT, detail)
+    # Connection problems, serialization failures, deadlocks, a server shutting down,
+    # disk full…: TEMP, the safe answer for mail (4xx, the sender retries).
+    return StorageError(StorageErrorKind.TEMP, detail)
+
+
+_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+
+
+class PgReadTx:
+    """Implements ``postkeep.store.api.ReadTx``."""
+
+    __slots__ = ("_conn", "_lock", "active")
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+        self._lock = asyncio.Lock()
+        self.active = True
+
+    async def _read(self, op: Callable[[Conn], Awaitable[T]]) -> T:
+        async with self._lock:
+            if not self.active:
+                raise RuntimeError("this transaction has ended")
+            try:
+                return await op(self._conn)
+            except _ERRORS as e:
+                raise convert(e) from e
+
+    async def domain_exists(self, name: str) -> bool:
+        return await self._read(lambda c: ops.domain_exists(c, name))
+
+    async def list_domains(self) -> list[Domain]:
+        return await self._read(ops.list_domains)
+
+    async def get_account(self, address: str) -> Account | None:
+        return await self._read(lambda c: ops.get_account(c, address))
+
+    async def list_accounts(self, domain: str | None = None) -> list[Account]:
+        return await self._read(lambda c: ops.list_accounts(c, domain))
+
+    async def alias_targets(self, source: str) -> list[str]:
+        return await self._read(lambda c: ops.alias_targets(c, source))
+
+    async def list_aliases(self, source: str | None = None) -> list[Alias]:
+        return await self._read(lambda c: ops.list_aliases(c, source))
+
+    async def dkim_keys(self, domain: str) -> list[DkimKey]:
+        return await self._read(lambda c: ops.dkim_keys(c, domain))
+
+    async def mailboxes(self, account_id: AccountId) -> list[Mailbox]:
+        return await self._read(lambda c: ops.mailboxes(c, account_id))
+
+    async def mailbox(self, account_id: AccountId, name: str) -> Mailbox | None:
+        return await self._read(lambda c: ops.mailbox(c, account_id, name))
+
+    async def mailbox_by_id(self, mailbox_id: MailboxId) -> Mailbox | None:
+        return await self._read(lambda c: ops.mailbox_by_id(c, mailbox_id))
+
+    async def uids(self, mailbox_id: MailboxId) -> list[Uid]:
+        return await self._read(lambda c: ops.uids(c, mailbox_id))
+
+    async def messages_since(self, mailbox_id: MailboxId, modseq: int) -> list[MessageRow]:
+        return await self._read(lambda c: ops.messages_since(c, mailbox_id, modseq))
+
+    async def maildrop_holder(self, account_id: AccountId) -> str | None:
+        return await self._read(lambda c: ops.maildrop_holder(c, account_id))
+
+    async def messages(
+        self, mailbox_id: MailboxId, uids: Sequence[Uid] | None = None
+    ) -> list[MessageRow]:
+        return await self._read(lambda c: ops.messages(c, mailbox_id, uids))
+
+    async def read_blob(self, ref: BlobRef, offset: int = 0, length: int | None = None) -> bytes:
+        return await self._read(lambda c: ops.read_blob(c, ref, offset, length))
+
+    async def outbound(self, limit: int = 100) -> list[OutboundRow]:
+        return await self._read(lambda c: ops.outbound(c, limit))
+
+    async def queue_entries(self, limit: int = 100) -> list[QueueEntry]:
+        return await self._read(lambda c: ops.queue_entries(c, limit))
+
+
+class PgWriteTx(PgReadTx):
+    """Implements ``postkeep.store.api.WriteTx``; reads see this transaction's own changes."""
+
+    __slots__ = ("changes",)
+
+    def __init__(self, conn: Conn) -> None:
+        super().__init__(conn)
+        #: What this transaction did to mailboxes, for ``store.changes`` after the COMMIT.
+        self.changes: list[Change] = []
+
+    async def _write(self, op: Callable[[Conn, list[Change]], Awaitable[T]]) -> T:
+        """Run a changing operation in its own SAVEPOINT; keep its changes if it returned."""
+        async with self._lock:
+            if not self.active:
+                raise RuntimeError("this transaction has ended")
+            mine: list[Change] = []
+            try:
+                async with self._conn.transaction():  # nested: SAVEPOINT / RELEASE
+                    result = await op(self._conn, mine)
+            except _ERRORS as e:
+                raise convert(e) from e
+            self.changes.extend(mine)
+            return result
+
+    async def _plain(self, op: Callable[[Conn], Awaitable[T]]) -> T:
+        return await self._write(lambda c, _log: op(c))
+
+    async def add_domain(self, name: str) -> Domain:
+        return await self._plain(lambda c: ops.add_domain(c, name))
+
+    async def del_domain(self, name: str) -> None:
+        await self._plain(lambda c: ops.del_domain(c, name))
+
+    async def add_account(self, address: str, password_hash: str) -> Account:
+        return await self._write(lambda c, log: ops.add_account(c, address, password_hash, log))
+
+    async def set_password(self, address: str, password_hash: str) -> None:
+        await self._plain(lambda c: ops.set_password(c, address, password_hash))
+
+    async def del_account(self, address: str) -> None:
+        await self._write(lambda c, log: ops.del_account(c, address, log))
+
+    async def add_alias(self, source: str, target: str) -> Alias:
+        return await self._plain(lambda c: ops.add_alias(c, source, target))
+
+    async def del_alias(self, source: str, target: str) -> None:
+        await self._plain(lambda c: ops.del_alias(c, source, target))
+
+    async def add_dkim_key(
+        self, domain: str, selector: str, algorithm: str, private_pem: str, public_txt: str
+    ) -> DkimKey:
+        return await self._plain(
+            lambda c: ops.add_dkim_key(c, domain, selector, algorithm, private_pem, public_txt)
+        )
+
+    async def create_mailbox(
+        self, account_id: AccountId, name: str, special_use: str | None = None
+    ) -> Mailbox:
+        return await self._write(
+            lambda c, log: ops.create_mailbox(c, account_id, name, special_use, log)
+        )
+
+    async def put_blob(self, data: bytes | BinaryIO, size: int | None = None) -> BlobRef:
+        return await self._plain(lambda c: ops.put_blob(c, data, size))
+
+    async def append(
+        self,
+        mailbox_id: MailboxId,
+        blob: BlobRef,
+        flags: frozenset[str] = frozenset(),
+        when: datetime | None = None,
+        envelope: str | None = None,
+        bodystructure: str | None = None,
+    ) -> Uid:
+        return await self._write(
+            lambda c, log: ops.append(c, mailbox_id, blob, flags, when, envelope, bodystructure,
+                                      log)
+        )
+
+    async def enqueue(self, sender: str, recipients: Sequence[str], blob: BlobRef) -> QueueId:
+        return await self._plain(lambda c: ops.enqueue(c, sender, recipients, blob))
+
+    async def claim_due(
+        self, now: datetime, limit: int, holder: str, lease_seconds: float
+    ) -> list[QueueEntry]:
+        return await self._plain(lambda c: ops.claim_due(c, now, limit, holder, lease_seconds))
+
+    async def record_attempt(
+        self,
+        queue_id: QueueId,
+        holder: str,
+        results: Mapping[str, tuple[RecipientState, str | None]],
+        next_attempt: datetime | None = None,
+        delay_notified: bool | None = None,
+    ) -> bool:
+        given = dict(results)  # a snapshot: the caller may change its mapping meanwhile
+        return await self._plain(
+            lambda c: ops.record_attempt(c, queue_id, holder, given, next_attempt, delay_notified)
+        )
+
+    async def release_leases(self, holder_prefix: str) -> int:
+        return await self._plain(lambda c: ops.release_leases(c, holder_prefix))
+
+    async def dequeue(self, queue_id: QueueId) -> bool:
+        return await self._plain(lambda c: ops.dequeue(c, queue_id))
+
+    async def retry(self, queue_id: QueueId | None = None) -> int:
+        return await self._plain(lambda c: ops.retry(c, queue_id))
+
+    async def set_flags(
+        self,
+        mailbox_id: MailboxId,
+        uids: Sequence[Uid],
+        op: FlagOp,
+        flags: frozenset[str],
+        unchanged_since: int | None = None,
+    ) -> tuple[list[FlagChange], list[Uid]]:
+        return await self._write(
+            lambda c, log: ops.set_flags(c, mailbox_id, uids, op, flags, unchanged_since, log)
+        )
+
+    async def expunge(self, mailbox_id: MailboxId, uids: Sequence[Uid]) -> list[Uid]:
+        return await self._write(lambda c, log: ops.expunge(c, mailbox_id, uids, log))
+
+    async def copy(
+        self, src: MailboxId, uids: Sequence[Uid], dst: MailboxId
+    ) -> list[tuple[Uid, Uid]]:
+        return await self._write(lambda c, log: ops.copy(c, src, uids, dst, log))
+
+    async def move(
+        self, src: MailboxId, uids: Sequence[Uid], dst: MailboxId
+    ) -> list[tuple[Uid, Uid]]:
+        return await self._write(lambda c, log: ops.move(c, src, uids, dst, log))
+
+    async def rename_mailbox(self, mailbox_id: MailboxId, new_name: str) -> None:
+        await self._write(lambda c, log: ops.rename_mailbox(c, mailbox_id, new_name, log))
+
+    async def delete_mailbox(self, mailbox_id: MailboxId) -> None:
+        await self._write(lambda c, log: ops.delete_mailbox(c, mailbox_id, log))
+
+    async def set_subscribed(self, mailbox_id: MailboxId, subscribed: bool) -> None:
+        await self._plain(lambda c: ops.set_subscribed(c, mailbox_id, subscribed))
+
+    async def acquire_maildrop(self, account_id: AccountId, holder: str, ttl: float) -> bool:
+        return await self._plain(lambda c: ops.acquire_maildrop(c, account_id, holder, ttl))
+
+    async def release_maildrop(self, account_id: AccountId, holder: str) -> None:
+        await self._plain(lambda c: ops.release_maildrop(c, account_id, holder))
+
+
+class PostgresStore:
+    """Implements ``postkeep.store.api.Store`` on a PostgreSQL database (``dsn``)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_connections: int = 1,
+        max_connections: int = 10,
+        connect_timeout: float = 10.0,
+        change_backlog: int = DEFAULT_BACKLOG,
+    ) -> None:
+        if not 1 <= min_connections <= max_connections:
+            raise ValueError("need 1 <= min_connections <= max_connections")
+        self._dsn = dsn
+        self._min = min_connections
+        self._max = max_connections
+        self._timeout = connect_timeout
+        self.stats = StoreStats()
+        self._feed = LocalChangeFeed(change_backlog)
+        self.changes: ChangeFeed = self._feed
+        #: Migration versions the last ``open()`` applied; ``()`` when the schema was current.
+        self.migrated: tuple[int, ...] = ()
+        self._pool: asyncpg.Pool | None = None
+        self._state = "new"  # new → open → closed
+
+    async def open(self) -> None:
+        if self._state == "open":
+            return
+        if self._state == "closed":
+            raise RuntimeError("a closed PostgresStore cannot be opened again; make a new one")
+        try:
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._min,
+                max_size=self._max,
+                timeout=self._timeout,
+                server_settings=SERVER_SETTINGS,
+            )
+        except _ERRORS as e:
+            # The DSN may hold a password: say which server, not the DSN.
+            raise convert(e, "cannot connect to PostgreSQL") from e
+        try:
+            async with pool.acquire() as conn:
+                self.migrated = await migrate(conn)
+        except BaseException as e:
+            await pool.close()
+            self._state = "closed"
+            if isinstance(e, _ERRORS):
+                raise convert(e, "migrating the schema") from e
+            raise
+        self._pool = pool
+        self._state = "open"
+        log.info("store.postgres.open", extra={"migrated": list(self.migrated)})
+
+    async def close(self) -> None:
+        if self._state == "closed":
+            return
+        was_open = self._state == "open"
+        self._state = "closed"
+        self._feed.close()
+        if was_open and self._pool is not None:
+            # Waits for every acquired connection (every open transaction) to come back.
+            await self._pool.close()
+            self._pool = None
+
+    def read(self) -> AbstractAsyncContextManager[ReadTx]:
+        return self._read()
+
+    def write(self) -> AbstractAsyncContextManager[WriteTx]:
+        return self._write()
+
+    async def _acquire(self) -> Any:
+        if self._state != "open" or self._pool is None:
+            raise StorageError(StorageErrorKind.TEMP, "the store is closed or not open")
+        try:
+            return await self._pool.acquire(timeout=self._timeout)
+        except _ERRORS as e:
+            raise convert(e, "getting a connection") from e
+
+    async def _release(self, conn: Conn) -> None:
+        assert self._pool is not None
+        await self._pool.release(conn)
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[ReadTx]:
+        conn = await self._acquire()
+        tx = PgReadTx(conn)
+        try:
+            tr = conn.transaction(isolation="repeatable_read", readonly=True)
+            try:
+                await tr.start()
+            except _ERRORS as e:
+                raise convert(e, "starting a read transaction") from e
+            try:
+                yield tx
+            finally:
+                tx.active = False
+                try:
+                    await tr.rollback()  # read-only: nothing to keep
+                except _ERRORS:
+                    log.warning("store.postgres.read_end_failed")
+        finally:
+            await self._release(conn)
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[WriteTx]:
+        conn = await self._acquire()
+        tx = PgWriteTx(conn)
+        try:
+            tr = conn.transaction()  # READ COMMITTED; row locks where values are allocated
+            try:
+                await tr.start()
+            except _ERRORS as e:
+                raise convert(e, "starting a write transaction") from e
+            self.stats.write_transactions += 1
+            try:
+                yield tx
+            except BaseException:
+                tx.active = False
+                try:
+                    await tr.rollback()
+                except _ERRORS:
+                    log.warning("store.postgres.rollback_failed")
+                raise
+            # Wait for a call still running (a caller that did not await it) to finish.
+            async with tx._lock:
+                tx.active = False
+            started = time.perf_counter()
+            try:
+                await tr.commit()
+            except _ERRORS as e:
+                # Outcome unknown or refused: the caller must not acknowledge.
+                raise convert(e, "COMMIT") from e
+            self.stats.commits += 1
+            self.stats.commit_seconds += time.perf_counter() - started
+        finally:
+            await self._release(conn)
+        # After COMMIT only: subscribers never hear about a change they cannot read yet.
+        self._feed.publish(tx.changes)
