@@ -7,13 +7,15 @@ limits, throttling, the Received header and every log line.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
 import os
 import smtplib
 import socket
 import ssl
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import default as default_policy
@@ -23,11 +25,15 @@ from typing import Any
 import pytest
 from server_harness import PASSWORDS, Instance, free_port, have, wait_for
 
+from postkeep.config.schema import Address, Mode, Service
 from postkeep.log import LogfmtFormatter
+from postkeep.net.listener import ConnectionLimits, ConnectionTracker, ConnInfo, Listener
 from postkeep.net.proxy import encode_v1, encode_v2
+from postkeep.net.stream import Stream
 
 CLIENT = ("203.0.113.7", 40001)
 OTHER = ("198.51.100.9", 40002)
+NODE_ADDR = ("127.0.0.1", 25)
 ALICE = "alice@example.test"
 TRUST_LOOPBACK = '\n[proxy_protocol]\nsmtp = ["127.0.0.0/8"]\nsubmissions = ["127.0.0.0/8"]\n'
 
@@ -304,3 +310,66 @@ def test_haproxy_send_proxy_v2_in_front_of_465(
     lines = net_log.having("event=conn.open", "service=submissions", "peer=127.0.0.3")
     assert lines, "\n".join(net_log.lines)
     assert "via=127.0.0.1" in lines[0]
+
+
+# -- the listener alone: exact reads and the header timeout -------------------------------
+
+
+async def _listener_with(
+    handler: Callable[[Stream, ConnInfo], Awaitable[None]], timeout: float = 5.0
+) -> Listener:
+    listener = Listener(
+        service=Service.SMTP,
+        mode=Mode.STARTTLS,
+        address=Address("127.0.0.1", 0),
+        handler=handler,
+        tracker=ConnectionTracker(ConnectionLimits()),
+        proxy_trusted=(ipaddress.ip_network("127.0.0.0/8"),),
+        proxy_timeout=timeout,
+    )
+    listener.start()
+    return listener
+
+
+async def test_the_first_command_after_the_header_reaches_the_handler_whole() -> None:
+    seen: list[tuple[str, int, str | None, bytes]] = []
+
+    async def handler(stream: Stream, info: ConnInfo) -> None:
+        data = b""
+        while not data.endswith(b"\r\n"):
+            data += await stream.read(5)
+        seen.append((info.peer_ip, info.peer_port, info.via, data))
+
+    listener = await _listener_with(handler)
+    try:
+        tlvs = b"\x04\x00\x01x"
+        for raw in (encode_v1(CLIENT, NODE_ADDR), encode_v2(CLIENT, NODE_ADDR, tlvs=tlvs)):
+            reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+            writer.write(raw + b"EHLO client.example.net\r\n")  # one segment
+            await writer.drain()
+            await reader.read()  # the handler returns, the listener closes
+            writer.close()
+    finally:
+        await listener.stop_accepting()
+    assert seen == [(CLIENT[0], CLIENT[1], "127.0.0.1", b"EHLO client.example.net\r\n")] * 2
+
+
+@pytest.mark.parametrize(
+    "sent", [b"", b"PROXY TCP4 203.0.113.7", encode_v2(CLIENT, NODE_ADDR)[:20]]
+)
+async def test_an_incomplete_header_is_refused_after_the_timeout(sent: bytes) -> None:
+    served: list[ConnInfo] = []
+
+    async def handler(stream: Stream, info: ConnInfo) -> None:
+        served.append(info)
+
+    listener = await _listener_with(handler, timeout=0.3)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(sent)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        writer.close()
+    finally:
+        await listener.stop_accepting()
+    assert served == []
