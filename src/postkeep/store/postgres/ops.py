@@ -479,9 +479,6 @@ async def append(
         offset = when.utcoffset()
         assert offset is not None
         tz_minutes = int(offset.total_seconds() // 60)
-    size = await _blob_size(conn, blob.id)
-    if size != blob.size:
-        raise ValueError(f"blob {blob.id} has {size} bytes, the reference says {blob.size}")
     # The UPDATE takes the mailbox row lock: a second node appending to this mailbox waits
     # until we commit, then increments our uidnext (READ COMMITTED re-reads the row).
     row = await conn.fetchrow(
@@ -496,6 +493,10 @@ async def append(
             )
         raise StorageError(StorageErrorKind.LIMIT, f"mailbox id {mailbox_id} has run out of UIDs")
     uid, modseq = int(row[0]), int(row[1])
+    # Checked after the mailbox, as SQLite does; a raise rolls the UPDATE back (savepoint).
+    size = await _blob_size(conn, blob.id)
+    if size != blob.size:
+        raise ValueError(f"blob {blob.id} has {size} bytes, the reference says {blob.size}")
     await conn.execute(
         "INSERT INTO messages (mailbox_id, uid, modseq, flags, internal_date, internal_tz,"
         " size, blob_id, envelope, bodystructure) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
