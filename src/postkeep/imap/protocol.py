@@ -71,7 +71,7 @@ import base64
 import binascii
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, auto
 
 from postkeep.imap import responses as r
@@ -82,6 +82,7 @@ from postkeep.imap.grammar import (
     Authenticate,
     Event,
     Idle,
+    Login,
     ParseError,
     parse_append_head,
     parse_command,
@@ -98,6 +99,7 @@ from postkeep.imap.responses import (
     Untagged,
 )
 from postkeep.imap.seqset import MAX_NUMBER
+from postkeep.sasl.mechanisms import Credentials, plain_credentials
 
 __all__ = [
     "CONTINUATIONS",
@@ -340,6 +342,11 @@ class Rejected(Event):
 
     tag: str | None
     response: StatusResponse
+    #: LOGIN with a password on the line, or AUTHENTICATE PLAIN with an initial response,
+    #: refused before TLS: the credentials crossed the wire in plaintext, and the driver
+    #: may check them to warn the owner (``auth/exposure.py``). A password in a
+    #: literal is never read, so it is never here. The response does not depend on it.
+    leaked: Credentials | None = field(default=None, repr=False, compare=False)
 
     @property
     def reason(self) -> str:
@@ -716,7 +723,12 @@ class ImapServer:
                 return self._refuse(r.TEXT_BARE_LF, None)
             refusal = self._gate(tag, name)
             if refusal is not None:
-                return self._refuse_with(refusal, found)
+                event = self._refuse_with(refusal, found)
+                if isinstance(event, Rejected) and found is None and self._privacy(name):
+                    leaked = _leaked(fragment, self.limits.max_depth)
+                    if leaked is not None:
+                        event = replace(event, leaked=leaked)
+                return event
         elif bare_lf:
             return self._refuse(r.TEXT_BARE_LF, None)
         tag, name = self._cmd_tag, self._cmd_name
@@ -800,6 +812,9 @@ class ImapServer:
             if not self.tls_offered:
                 return r.tagged(tag, Condition.BAD, r.TEXT_TLS_NOT_OFFERED)
         return None
+
+    def _privacy(self, name: str | None) -> bool:
+        return name in ("LOGIN", "AUTHENTICATE") and self.require_tls and not self.tls_active
 
     def _wrong_state_text(self, name: str) -> str:
         if self._state is State.NOT_AUTHENTICATED:
@@ -984,3 +999,18 @@ class ImapServer:
 def _safe(name: str) -> str:
     """A command name (atom characters only, from the grammar) shortened for a reply."""
     return name[:32]
+
+
+def _leaked(line: bytes, max_depth: int) -> Credentials | None:
+    """The credentials on a LOGIN or AUTHENTICATE PLAIN line (RFC 9051 §6.2.3, RFC 4959
+    §3) refused before TLS, when the whole command was on that line."""
+    try:
+        command = parse_command([line], [], max_depth=max_depth)
+    except ParseError:
+        return None
+    if isinstance(command, Login):
+        return Credentials(command.user, command.user, command.password)
+    if (isinstance(command, Authenticate) and command.mechanism.upper() == "PLAIN"
+            and command.initial_response):
+        return plain_credentials(command.initial_response)
+    return None

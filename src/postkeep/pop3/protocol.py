@@ -63,6 +63,7 @@ from typing import Final
 
 from postkeep.pop3 import replies
 from postkeep.pop3.replies import Reply
+from postkeep.sasl.mechanisms import Credentials, plain_credentials
 
 __all__ = [
     "COMMANDS",
@@ -258,11 +259,17 @@ NEED_DATA: Final = NeedData.NEED_DATA
 
 
 class ProtocolError(Exception):
-    """The client broke a protocol rule; send ``hint`` (close after it if ``hint.closes``)."""
+    """The client broke a protocol rule; send ``hint`` (close after it if ``hint.closes``).
 
-    def __init__(self, hint: Reply) -> None:
+    ``leaked``: USER then PASS, or AUTH PLAIN with an initial response, refused because TLS
+    had not started: the credentials crossed the wire in plaintext, and the driver may
+    check them to warn the owner (``auth/exposure.py``). The hint does not depend on them.
+    """
+
+    def __init__(self, hint: Reply, leaked: Credentials | None = None) -> None:
         super().__init__(hint.text)
         self.hint = hint
+        self.leaked = leaked
 
 
 class Outcome(Enum):
@@ -404,6 +411,9 @@ class Pop3Server:
         self._pending: Event | _ErrorPending | None = None
         self._tls_pending = False  # +OK sent to STLS, start_tls() not called yet
         self._user_ok = False  # the last command was a USER that got +OK
+        # The name of the last command if it was a USER refused before TLS: a PASS right
+        # after it leaked a password for that name.
+        self._refused_user: str | None = None
         self._errors = 0
         self._commands = 0
 
@@ -529,6 +539,7 @@ class Pop3Server:
         self._tls_pending = False
         self._tls_active = True
         self._user_ok = False
+        self._refused_user = None
         return dropped
 
     def next_event(self) -> Event | NeedData:
@@ -637,7 +648,18 @@ class Pop3Server:
         if keyword not in COMMANDS.get(self._state, frozenset()):
             raise self._error(WRONG_STATE.get(self._state, replies.UNKNOWN_COMMAND))
         if keyword in CREDENTIAL_COMMANDS and not self.credentials_allowed():
-            raise self._error(self._tls_required)
+            # RFC 2595 §2.3: refused the same way whatever they carry; what they carried
+            # in plaintext goes to the driver (never into the reply).
+            refused_user, self._refused_user = self._refused_user, None
+            error = self._error(self._tls_required)
+            if keyword == "USER":
+                self._refused_user = rest.strip(" ") or None
+            elif keyword == "PASS" and refused_user and rest:
+                error.leaked = Credentials(refused_user, refused_user, rest)
+            elif keyword == "AUTH":
+                error.leaked = _leaked_plain(rest)
+            raise error
+        self._refused_user = None
         if keyword == "PASS":
             return self._pass(rest)
         self._user_ok = False
@@ -715,6 +737,18 @@ class Pop3Server:
         if number is None:
             raise self._error(_SYNTAX[keyword])
         return number
+
+
+def _leaked_plain(rest: str) -> Credentials | None:
+    """``AUTH PLAIN <initial-response>`` (RFC 5034 §4, RFC 4616 §2): its credentials."""
+    parts = rest.split(" ")
+    if len(parts) != 2 or parts[0].upper() != "PLAIN":
+        return None
+    try:
+        message = base64.b64decode(parts[1], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return plain_credentials(message) if message else None
 
 
 def _parse_number(arg: str, *, minimum: int) -> int | None:

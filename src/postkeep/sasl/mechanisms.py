@@ -256,6 +256,18 @@ class Login:
 _REGISTRY: dict[str, type[Plain] | type[Login]] = {"PLAIN": Plain, "LOGIN": Login}
 
 
+def plain_credentials(message: bytes) -> Credentials | None:
+    """The credentials in a PLAIN message (RFC 4616 §2), or None if it is not one.
+
+    For a message a client sent *before TLS* and that was refused unread: the caller checks
+    whether the password was real, to warn its owner (``auth/exposure.py``)."""
+    try:
+        done = Plain().start(message)
+    except SaslError:
+        return None
+    return done.credentials if isinstance(done, Done) else None
+
+
 def server_mechanism(name: str) -> Mechanism:
     """A fresh server-side exchange for ``name`` (case-insensitive, RFC 4422 §3.1).
 

@@ -69,6 +69,7 @@ from enum import Enum, auto
 from types import MappingProxyType
 
 from postkeep.mail import address
+from postkeep.sasl.mechanisms import Credentials, plain_credentials
 from postkeep.smtp import replies
 from postkeep.smtp.replies import Reply
 
@@ -231,11 +232,16 @@ class ConnectionClosed(Event):
 
 
 class ProtocolError(Exception):
-    """The core refused input; ``hint`` is the reply the driver must ``send()``."""
+    """The core refused input; ``hint`` is the reply the driver must ``send()``.
 
-    def __init__(self, hint: Reply) -> None:
+    ``leaked``: the credentials of an ``AUTH PLAIN <initial-response>`` refused because TLS
+    had not started. They crossed the wire in plaintext; the driver may check them to warn
+    the account's owner (``auth/exposure.py``). The reply does not depend on them."""
+
+    def __init__(self, hint: Reply, leaked: Credentials | None = None) -> None:
         super().__init__(f"{hint.code} {hint.enhanced or ''} {' '.join(hint.lines)}".strip())
         self.hint = hint
+        self.leaked = leaked
 
 
 # -- the tables --------------------------------------------------------------------------
@@ -448,6 +454,7 @@ class _Refused(Exception):
         super().__init__()
         self.reply = reply
         self.counts = counts
+        self.leaked: Credentials | None = None
 
 
 @dataclass(slots=True)
@@ -753,7 +760,9 @@ class SmtpServer:
         try:
             return self._command(line)
         except _Refused as exc:
-            raise self._refuse(exc.reply, after=self._state, counts=exc.counts) from None
+            error = self._refuse(exc.reply, after=self._state, counts=exc.counts)
+            error.leaked = exc.leaked
+            raise error from None
 
     def _command(self, line: bytes) -> Event:
         # RFC 5321 §2.4: verbs are case-insensitive; §4.1.1: verb [SP argument].
@@ -766,7 +775,12 @@ class SmtpServer:
             raise _Refused(replies.UNKNOWN_COMMAND)  # RFC 5321 §4.2.4: 500, not 502
         if verb is Verb.BDAT:
             return self._bdat(arg_bytes)
-        self._check_allowed(verb)
+        try:
+            self._check_allowed(verb)
+        except _Refused as exc:
+            if verb is Verb.AUTH and self._holds(Fact.TLS_REQUIRED_NOT_ACTIVE):
+                exc.leaked = _leaked_plain(arg_bytes)
+            raise
         try:
             arg = arg_bytes.decode("utf-8").rstrip(" ")
         except UnicodeDecodeError:
@@ -1077,6 +1091,16 @@ class SmtpServer:
 
 
 # -- helpers -----------------------------------------------------------------------------
+def _leaked_plain(arg: bytes) -> Credentials | None:
+    """``PLAIN <initial-response>`` (RFC 4954 §4, RFC 4616 §2) refused before TLS: the
+    credentials it carried in plaintext, if it is well-formed."""
+    parts = arg.decode("latin-1").split(" ")
+    if len(parts) != 2 or parts[0].upper() != "PLAIN":
+        return None
+    message = _b64decode(parts[1])
+    return plain_credentials(message) if message else None
+
+
 def _b64decode(text: str) -> bytes | None:
     """Strict base64 (RFC 4648 §4) as RFC 4954 requires; None if invalid."""
     if not text.isascii():
