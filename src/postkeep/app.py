@@ -15,11 +15,12 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry
 
 from postkeep import __version__, log
+from postkeep.auth.exposure import PlaintextLeaks
 from postkeep.auth.service import Authenticator
 from postkeep.auth.throttle import Throttle
 from postkeep.config.schema import SERVICE_PORTS, Config, Mode, Service
@@ -56,6 +57,7 @@ from postkeep.pop3.protocol import Pop3Server
 from postkeep.pop3.session import Pop3Session
 from postkeep.queue.deliver import Deliverer
 from postkeep.queue.scheduler import Scheduler, node_holder_prefix
+from postkeep.sasl.mechanisms import Credentials
 from postkeep.smtp import replies as smtp_replies
 from postkeep.smtp.mx import MxSession
 from postkeep.smtp.protocol import Limits as SmtpLimits
@@ -88,8 +90,11 @@ class App:
         )
         # Its own registry, never prometheus_client's global one (web/metrics.py).
         self.metrics = Metrics(CollectorRegistry())
-        self.auth = Authenticator(self.store, self.throttle, on_login=self.metrics.login)
+        self.auth = Authenticator(self.store, self.throttle, on_login=self.metrics.login,
+                                  exposed_policy=config.security.exposed_password)
         self.ingest = Ingest(self.store, config.hostname)
+        self.leaks = PlaintextLeaks(self.store, self.auth, self.ingest,
+                                    hostname=config.hostname, ports=lambda: self.ports)
         self.imap_recent = RecentClaims()  # \Recent is per process (imap/selected.py)
         self.tracker = ConnectionTracker(
             ConnectionLimits(
@@ -249,6 +254,7 @@ class App:
             idle_timeout=lim.idle_timeout,
             data_timeout=lim.data_timeout,
             on_plaintext_refused=self._plaintext_refused(info),
+            on_leaked=self._leaked(info),
         )
 
     # -- POP3 -------------------------------------------------------------------------
@@ -286,6 +292,7 @@ class App:
             idle_timeout=max(pop3_server.IDLE_TIMEOUT, lim.idle_timeout),
             greeting=f"{self.config.hostname} POP3 server ready",
             on_plaintext_refused=self._plaintext_refused(info),
+            on_leaked=self._leaked(info),
         )
 
     # -- IMAP -------------------------------------------------------------------------
@@ -319,7 +326,17 @@ class App:
             tls_context=self._context_for(info.service),
             preauth_timeout=self.config.limits.idle_timeout,
             on_plaintext_refused=self._plaintext_refused(info),
+            on_leaked=self._leaked(info),
         )
+
+    def _leaked(self, info: ConnInfo) -> Callable[[Credentials], Awaitable[None]]:
+        """For a driver: credentials refused before TLS; mark the account if they were
+        right (auth/exposure.py)."""
+
+        async def check(creds: Credentials) -> None:
+            await self.leaks.check(creds, info.peer_ip, info.service)
+
+        return check
 
     def _plaintext_refused(self, info: ConnInfo) -> Callable[[], None]:
         """For a driver: a login (or, on 587, mail) was refused because TLS had not

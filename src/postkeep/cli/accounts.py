@@ -46,7 +46,7 @@ from postkeep.cli.common import CliError, config_from, read_password, with_store
 from postkeep.config.schema import Config, Service
 from postkeep.mail import address as addr
 from postkeep.mail import dkim
-from postkeep.store.api import Store
+from postkeep.store.api import Exposure, Store
 from postkeep.tls.certs import CertError, load_pair
 from postkeep.web import mta_sts
 
@@ -78,7 +78,13 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     p = user.add_parser("del", parents=[common], help="delete an account and its mail")
     p.add_argument("address")
     p.set_defaults(run=user_cmd)
-    p = user.add_parser("list", parents=[common], help="list accounts")
+    p = user.add_parser("unlock", parents=[common],
+                        help="clear the 'password exposed' mark (auth/exposure.py) "
+                             "without a new password")
+    p.add_argument("address")
+    p.set_defaults(run=user_cmd)
+    p = user.add_parser("list", parents=[common],
+                        help="list accounts; 'exposed …' marks a password sent before TLS")
     p.add_argument("domain", nargs="?")
     p.set_defaults(run=user_cmd)
 
@@ -192,14 +198,29 @@ def user_cmd(args: argparse.Namespace) -> int:
     async def act(store: Store) -> None:
         if args.action == "list":
             async with store.read() as tx:
-                for account in await tx.list_accounts(args.domain):
+                accounts = await tx.list_accounts(args.domain)
+                exposed: dict[str, Exposure] = {}
+                for row in await tx.exposures():  # most recent first
+                    exposed.setdefault(row.address, row)
+            for account in accounts:
+                e = exposed.get(account.address)
+                if e is None:
                     print(account.address)
+                else:
+                    # A correct password sent before TLS (the most recent time); cleared
+                    # by "user passwd" or "user unlock".
+                    when = e.last_at.strftime("%Y-%m-%dT%H:%M:%SZ")
+                    print(f"{account.address}  exposed {when} from {e.peer} ({e.service})")
             return
         async with store.write() as tx:
             if args.action == "add":
                 await tx.add_account(address, hashed)
             elif args.action == "passwd":
-                await tx.set_password(address, hashed)
+                await tx.set_password(address, hashed)  # also clears "exposed"
+            elif args.action == "unlock":
+                cleared = await tx.clear_exposures(_address(args.address))
+                print(f"{_address(args.address)}: "
+                      + ("unlocked" if cleared else "was not marked exposed"))
             else:
                 await tx.del_account(_address(args.address))
 

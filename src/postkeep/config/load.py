@@ -293,6 +293,18 @@ def _tls_sniff_ms(value: int) -> str | None:
     return None
 
 
+#: ``[security] exposed_password`` policies (auth/exposure.py).
+EXPOSED_PASSWORD_POLICIES = ("warn", "require_change", "lock")
+
+
+def _exposed_password(value: str) -> str | None:
+    if value not in EXPOSED_PASSWORD_POLICIES:
+        return (
+            f"{_toml_str(value)} is not one of {', '.join(EXPOSED_PASSWORD_POLICIES)}"
+        )
+    return None
+
+
 def _line_length(value: int) -> str | None:
     if value < MIN_LINE_LENGTH:
         return (
@@ -306,6 +318,7 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("limits", "line_length"): _line_length,
     ("security", "implicit_tls_hint_timeout"): _positive,
     ("security", "tls_sniff_ms"): _tls_sniff_ms,
+    ("security", "exposed_password"): _exposed_password,
     ("auth", "failures_before_delay"): _not_negative,
     ("auth", "max_delay"): _not_negative,
     ("auth", "failures_before_lockout"): _positive,
@@ -856,6 +869,11 @@ _COMMENTS: dict[tuple[str | None, str], tuple[str, ...]] = {
     ("security", "tls_sniff_ms"): (
         "milliseconds 587/143/110 wait for a client set to",
         "SSL/TLS before greeting in plaintext; 0: off",
+    ),
+    ("security", "exposed_password"): (
+        "a correct password sent before TLS: warn (tell the owner),",
+        "require_change (refuse logins until postkeep user passwd)",
+        "or lock (refuse logins until postkeep user unlock)",
     ),
     ("limits", "message_size"): ("bytes; the SIZE advertised in EHLO (RFC 1870)",),
     ("limits", "recipients"): ("per message (RFC 5321 §4.5.3.1.8: at least 100)",),

@@ -87,6 +87,10 @@ class SecurityConfig:
     # Milliseconds 587/143/110 wait for a TLS ClientHello before the plaintext greeting
     # (a client set to SSL/TLS on a STARTTLS port); 0: greet at once. Never port 25.
     tls_sniff_ms: int = 200
+    # A correct password sent before TLS (and refused) marks the account exposed:
+    # "warn" tells its owner in the INBOX; "require_change" also refuses logins until
+    # "postkeep user passwd"; "lock" refuses them until "postkeep user unlock" or passwd.
+    exposed_password: str = "warn"
 
 
 @dataclass(frozen=True, slots=True)

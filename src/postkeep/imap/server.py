@@ -35,7 +35,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from postkeep import log
@@ -53,6 +53,7 @@ from postkeep.imap.protocol import (
 from postkeep.imap.responses import BlobSlice, Condition, Continuation, Output, Response
 from postkeep.imap.session import ImapSession
 from postkeep.net.stream import ShuttingDown, Stream, upgrade
+from postkeep.sasl.mechanisms import Credentials
 from postkeep.store.api import BlobRef, ReadTx, StorageError, StorageErrorKind, Store
 from postkeep.tls.policy import TlsContext
 
@@ -157,9 +158,12 @@ async def serve(
     tls_context: Callable[[], TlsContext] | None,
     preauth_timeout: float,
     on_plaintext_refused: Callable[[], None] | None = None,
+    on_leaked: Callable[[Credentials], Awaitable[None]] | None = None,
 ) -> None:
     """Serve one connection. ``on_plaintext_refused`` is called each time the core refuses
-    LOGIN or AUTHENTICATE with ``NO [PRIVACYREQUIRED]`` because TLS has not started."""
+    LOGIN or AUTHENTICATE with ``NO [PRIVACYREQUIRED]`` because TLS has not started.
+    ``on_leaked`` is awaited with the credentials of a refused command that carried them
+    before TLS, after the refusal is on its way (auth/exposure.py)."""
     writer = _Writer(stream, core, store)
     pending: Event | NeedData | None = None
     try:
@@ -206,6 +210,9 @@ async def serve(
             reply = await session.handle(event, writer.emit)
             if reply is not None:
                 await writer.emit(reply)
+            if isinstance(event, Rejected) and event.leaked is not None and on_leaked:
+                await stream.drain()  # the NO goes out whatever the password was
+                await on_leaked(event.leaked)
             state = core.state
             if state is State.LOGOUT:
                 break

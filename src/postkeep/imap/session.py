@@ -203,6 +203,17 @@ _SYSTEM_ORDER = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 TEXT_LOGGED_IN = "Logged in"
 TEXT_AUTH_FAILED = "Invalid user name or password"
 TEXT_THROTTLED = "Too many failed logins, please try again later"
+# The password was right but sent before TLS ([security] exposed_password). RFC 5530 §3:
+# EXPIRED "the client or user should get a new passphrase"; CONTACTADMIN "the user should
+# contact the system administrator".
+TEXT_MUST_CHANGE = (
+    "Your password was sent unencrypted and must be changed: ask your administrator "
+    "for a new one (postkeep user passwd)"
+)
+TEXT_LOCKED = (
+    "Your account is locked because its password was sent unencrypted: ask your "
+    "administrator to unlock it"
+)
 TEXT_BAD_MECHANISM = "Unsupported authentication mechanism: use PLAIN"
 TEXT_LOGOUT = "postkeep logging out"
 TEXT_IDLING = "idling"
@@ -492,6 +503,12 @@ class ImapSession:
         if result.outcome is Outcome.THROTTLED:
             logger.info("imap.login.throttled", extra={"method": how})
             return _no(tag, TEXT_THROTTLED, CodeName.UNAVAILABLE)
+        if result.outcome is Outcome.MUST_CHANGE:
+            logger.info("imap.login.must_change", extra={"method": how})
+            return _no(tag, TEXT_MUST_CHANGE, CodeName.EXPIRED)
+        if result.outcome is Outcome.LOCKED:
+            logger.info("imap.login.locked", extra={"method": how})
+            return _no(tag, TEXT_LOCKED, CodeName.CONTACTADMIN)
         if result.outcome is not Outcome.OK or result.address is None:
             logger.info("imap.login.failed", extra={"method": how})
             return _no(tag, TEXT_AUTH_FAILED, CodeName.AUTHENTICATIONFAILED)

@@ -350,6 +350,18 @@ AUTH_MECHANISM_UNSUPPORTED: Final = err("Unsupported authentication mechanism (s
 AUTH_BAD_BASE64: Final = err("Invalid base64 data in the authentication exchange")
 AUTH_CANCELLED: Final = err("Authentication cancelled")
 AUTH_FAILED: Final = err("Authentication failed", "AUTH")
+#: The password was right but sent before TLS ([security] exposed_password): RFC 3206 §4
+#: [AUTH] is "a problem with the user's credentials", and the sentence says which.
+LOGIN_MUST_CHANGE: Final = err(
+    "Your password was sent unencrypted and must be changed: ask your administrator "
+    "for a new one (postkeep user passwd)",
+    "AUTH",
+)
+LOGIN_LOCKED: Final = err(
+    "Your account is locked because its password was sent unencrypted: ask your "
+    "administrator to unlock it",
+    "AUTH",
+)
 #: A SASL message that does not parse (``sasl.SaslError``): the same fixed text for all.
 AUTH_MALFORMED: Final = err("Malformed authentication data")
 #: Throttled after failed logins (auth/throttle.py): the password was not even checked,

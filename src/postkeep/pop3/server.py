@@ -23,7 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 from postkeep import log
@@ -31,6 +31,7 @@ from postkeep.net.stream import ShuttingDown, Stream, upgrade
 from postkeep.pop3 import replies
 from postkeep.pop3.protocol import NEED_DATA, ConnectionClosed, Pop3Server, ProtocolError, Stls
 from postkeep.pop3.session import Pop3Session
+from postkeep.sasl.mechanisms import Credentials
 from postkeep.tls.policy import TlsContext
 
 logger = log.get_logger("pop3")
@@ -48,9 +49,12 @@ async def serve(
     idle_timeout: float = IDLE_TIMEOUT,
     greeting: str = "postkeep ready",
     on_plaintext_refused: Callable[[], None] | None = None,
+    on_leaked: Callable[[Credentials], Awaitable[None]] | None = None,
 ) -> None:
     """Serve one connection. ``on_plaintext_refused`` is called each time the core refuses
-    USER, PASS or AUTH with ``-ERR [AUTH]`` because TLS has not started, for metrics."""
+    USER, PASS or AUTH with ``-ERR [AUTH]`` because TLS has not started, for metrics.
+    ``on_leaked`` is awaited with the credentials of a refused command that carried them
+    before TLS, after the refusal is on its way (auth/exposure.py)."""
     try:
         stream.write(core.greet(greeting))
         while True:
@@ -63,6 +67,9 @@ async def serve(
                     not core.tls_active
                 ):
                     on_plaintext_refused()
+                if exc.leaked is not None and on_leaked is not None:
+                    await stream.drain()  # the -ERR goes out whatever the password was
+                    await on_leaked(exc.leaked)
                 if exc.hint.closes:
                     logger.info("pop3.closed_by_error", extra={"reply": exc.hint.text})
                     break

@@ -285,6 +285,10 @@ class Pop3Session:
         result = await self._auth.login(user, password, self.info.peer_ip)
         if result.outcome is Outcome.THROTTLED:
             return replies.LOGIN_THROTTLED
+        if result.outcome is Outcome.MUST_CHANGE:
+            return replies.LOGIN_MUST_CHANGE
+        if result.outcome is Outcome.LOCKED:
+            return replies.LOGIN_LOCKED
         if result.outcome is not Outcome.OK or result.address is None:
             return replies.AUTH_FAILED  # RFC 3206 §4 [AUTH]; says nothing of existence
         return await self._open(result.address)

@@ -15,10 +15,11 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from postkeep import log
 from postkeep.net.stream import ShuttingDown, Stream, upgrade
+from postkeep.sasl.mechanisms import Credentials
 from postkeep.smtp import replies
 from postkeep.smtp.protocol import (
     NEED_DATA,
@@ -51,10 +52,13 @@ async def serve(
     idle_timeout: float,
     data_timeout: float,
     on_plaintext_refused: Callable[[], None] | None = None,
+    on_leaked: Callable[[Credentials], Awaitable[None]] | None = None,
 ) -> None:
     """Serve one connection. ``on_plaintext_refused`` is called each time the core refuses
     AUTH or mail on submission because TLS has not started (the 530 5.7.0 naming the
-    settings to use), for metrics."""
+    settings to use), for metrics.
+    ``on_leaked`` is awaited with the credentials of a refused command that carried them
+    before TLS, after the refusal is on its way (auth/exposure.py)."""
     in_data = False
     data_deadline = 0.0
     loop = asyncio.get_running_loop()
@@ -67,6 +71,9 @@ async def serve(
                 stream.write(core.send(exc.hint))
                 if on_plaintext_refused is not None and _before_tls(core, exc.hint.code):
                     on_plaintext_refused()
+                if exc.leaked is not None and on_leaked is not None:
+                    await stream.drain()  # the 530 goes out whatever the password was
+                    await on_leaked(exc.leaked)
                 if exc.hint.closes:
                     logger.info("smtp.closed_by_error", extra={"code": exc.hint.code})
                     break

@@ -25,6 +25,20 @@ logger = log.get_logger("smtp")
 
 THROTTLED = reply(454, "4.7.0", "Too many failed logins, please try again later")
 AUTH_CANCELLED = reply(501, "5.7.0", "Authentication cancelled")
+# The password was right, but it was sent before TLS ([security] exposed_password,
+# auth/exposure.py). RFC 5248 registers 5.7.13 "User Account Disabled" with 525 (RFC 4954
+# §6 lists 535 for wrong credentials, which would make programs ask for the password
+# again rather than show the sentence).
+MUST_CHANGE = reply(
+    525, "5.7.13",
+    "Your password was sent unencrypted and must be changed: ask your administrator "
+    "for a new one (postkeep user passwd)",
+)
+LOCKED = reply(
+    525, "5.7.13",
+    "Your account is locked because its password was sent unencrypted: ask your "
+    "administrator to unlock it",
+)
 NOT_YOUR_ADDRESS = "You may only send as {user} or one of its aliases"
 
 
@@ -60,6 +74,10 @@ class SubmissionSession(SmtpSession):
         result = await self._auth.login(creds.authcid, creds.password, self.info.peer_ip)
         if result.outcome is Outcome.THROTTLED:
             return THROTTLED
+        if result.outcome is Outcome.MUST_CHANGE:
+            return MUST_CHANGE
+        if result.outcome is Outcome.LOCKED:
+            return LOCKED
         if result.outcome is not Outcome.OK or result.address is None:
             return replies.AUTH_FAILED
         self.user = result.address

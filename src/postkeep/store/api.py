@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum, auto
 from typing import BinaryIO, Protocol
 
@@ -97,6 +97,19 @@ class Account:
     address: str
     password_hash: str
     created: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Exposure:
+    """The account's correct password was sent before TLS by ``peer`` on ``service``
+    (refused; ``auth/exposure.py``). ``notified_at``: when its owner was last told."""
+
+    address: str
+    peer: str
+    service: str
+    first_at: datetime
+    last_at: datetime
+    notified_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +279,10 @@ class ReadTx(Protocol):
     async def list_domains(self) -> list[Domain]: ...
     async def get_account(self, address: str) -> Account | None: ...
     async def list_accounts(self, domain: str | None = None) -> list[Account]: ...
+    async def exposures(self, address: str | None = None) -> list[Exposure]:
+        """Plaintext password exposures of one account (all accounts for None), most
+        recent ``last_at`` first; [] for an account that does not exist."""
+
     async def alias_targets(self, source: str) -> list[str]: ...
     async def list_aliases(self, source: str | None = None) -> list[Alias]: ...
     async def dkim_keys(self, domain: str) -> list[DkimKey]:
@@ -303,7 +320,22 @@ class WriteTx(ReadTx, Protocol):
     async def add_domain(self, name: str) -> Domain: ...
     async def del_domain(self, name: str) -> None: ...
     async def add_account(self, address: str, password_hash: str) -> Account: ...
-    async def set_password(self, address: str, password_hash: str) -> None: ...
+    async def set_password(self, address: str, password_hash: str) -> None:
+        """Replace the password hash; the account's exposures are deleted with the old
+        password. NOT_FOUND if the account does not exist."""
+
+    async def record_exposure(
+        self, address: str, peer: str, service: str, when: datetime, notify_every: timedelta
+    ) -> bool:
+        """Record that ``peer`` sent the account's password before TLS on ``service``.
+        True when its owner should be told now (never told about this peer and service,
+        or not within ``notify_every``); ``notified_at`` is then set to ``when``, in the
+        same transaction, so concurrent leaks tell once. NOT_FOUND for no such account."""
+
+    async def clear_exposures(self, address: str) -> int:
+        """Forget the account's exposures (``postkeep user unlock``); how many there
+        were. NOT_FOUND if the account does not exist."""
+
     async def del_account(self, address: str) -> None: ...
     async def add_alias(self, source: str, target: str) -> Alias: ...
     async def del_alias(self, source: str, target: str) -> None: ...

@@ -37,7 +37,7 @@ import math
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, BinaryIO
 
 from postkeep.store.api import (
@@ -52,6 +52,7 @@ from postkeep.store.api import (
     ChangeKind,
     DkimKey,
     Domain,
+    Exposure,
     FlagChange,
     FlagOp,
     Mailbox,
@@ -266,6 +267,81 @@ def set_password(conn: sqlite3.Connection, address: str, password_hash: str) -> 
     )
     if cur.rowcount == 0:
         raise StorageError(StorageErrorKind.NOT_FOUND, f"account {a} does not exist")
+    # A new password is no longer exposed (auth/exposure.py).
+    conn.execute(
+        "DELETE FROM password_exposures WHERE account_id ="
+        " (SELECT id FROM accounts WHERE address = ?)",
+        (a,),
+    )
+
+
+def _account_id(conn: sqlite3.Connection, address: str) -> int:
+    a, _ = _address(address)
+    row = conn.execute("SELECT id FROM accounts WHERE address = ?", (a,)).fetchone()
+    if row is None:
+        raise StorageError(StorageErrorKind.NOT_FOUND, f"account {a} does not exist")
+    return int(row[0])
+
+
+def exposures(conn: sqlite3.Connection, address: str | None = None) -> list[Exposure]:
+    sql = (
+        "SELECT a.address, e.peer, e.service, e.first_at, e.last_at, e.notified_at"
+        " FROM password_exposures e JOIN accounts a ON a.id = e.account_id"
+    )
+    args: tuple[str, ...] = ()
+    if address is not None:
+        try:
+            a, _ = _address(address)
+        except ValueError:
+            return []
+        sql += " WHERE a.address = ?"
+        args = (a,)
+    rows = conn.execute(sql + " ORDER BY e.last_at DESC, a.address, e.peer, e.service", args)
+    return [
+        Exposure(r[0], r[1], r[2], from_us(r[3]), from_us(r[4]),
+                 None if r[5] is None else from_us(r[5]))
+        for r in rows.fetchall()
+    ]
+
+
+def record_exposure(
+    conn: sqlite3.Connection,
+    address: str,
+    peer: str,
+    service: str,
+    when: datetime,
+    notify_every: timedelta,
+) -> bool:
+    account_id = _account_id(conn, address)
+    at = to_us(when)
+    row = conn.execute(
+        "SELECT notified_at FROM password_exposures"
+        " WHERE account_id = ? AND peer = ? AND service = ?",
+        (account_id, peer, service),
+    ).fetchone()
+    every_us = notify_every // timedelta(microseconds=1)
+    due = row is None or row[0] is None or at - row[0] >= every_us
+    if row is None:
+        conn.execute(
+            "INSERT INTO password_exposures"
+            " (account_id, peer, service, first_at, last_at, notified_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (account_id, peer, service, at, at, at),
+        )
+    else:
+        conn.execute(
+            "UPDATE password_exposures SET last_at = max(last_at, ?),"
+            " notified_at = CASE WHEN ? THEN ? ELSE notified_at END"
+            " WHERE account_id = ? AND peer = ? AND service = ?",
+            (at, due, at, account_id, peer, service),
+        )
+    return due
+
+
+def clear_exposures(conn: sqlite3.Connection, address: str) -> int:
+    account_id = _account_id(conn, address)
+    cur = conn.execute("DELETE FROM password_exposures WHERE account_id = ?", (account_id,))
+    return cur.rowcount
 
 
 def del_account(conn: sqlite3.Connection, address: str, log: list[Change]) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import BinaryIO, Protocol, TypeVar
 
 from postkeep.store.api import (
@@ -33,6 +33,7 @@ from postkeep.store.api import (
     Change,
     DkimKey,
     Domain,
+    Exposure,
     FlagChange,
     FlagOp,
     Mailbox,
@@ -77,6 +78,9 @@ class SqliteReadTx:
 
     async def list_accounts(self, domain: str | None = None) -> list[Account]:
         return await self._runner.run(lambda c: ops.list_accounts(c, domain), changes=False)
+
+    async def exposures(self, address: str | None = None) -> list[Exposure]:
+        return await self._runner.run(lambda c: ops.exposures(c, address), changes=False)
 
     async def alias_targets(self, source: str) -> list[str]:
         return await self._runner.run(lambda c: ops.alias_targets(c, source), changes=False)
@@ -157,6 +161,17 @@ class SqliteWriteTx(SqliteReadTx):
 
     async def set_password(self, address: str, password_hash: str) -> None:
         await self._runner.run(lambda c: ops.set_password(c, address, password_hash), changes=True)
+
+    async def record_exposure(
+        self, address: str, peer: str, service: str, when: datetime, notify_every: timedelta
+    ) -> bool:
+        return await self._runner.run(
+            lambda c: ops.record_exposure(c, address, peer, service, when, notify_every),
+            changes=True,
+        )
+
+    async def clear_exposures(self, address: str) -> int:
+        return await self._runner.run(lambda c: ops.clear_exposures(c, address), changes=True)
 
     async def del_account(self, address: str) -> None:
         await self._logged(lambda c, log: ops.del_account(c, address, log))
