@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -195,3 +195,22 @@ def test_ci_fails_rather_than_skips_without_a_server(tmp_path: Path) -> None:
         assert outcome in done.stdout, done.stdout
         assert done.returncode == code, done.stdout
         assert "PostgreSQL binaries (initdb, pg_ctl, postgres, psql) not found" in done.stdout
+
+
+async def test_concurrent_exposures_on_two_nodes_tell_once(
+    nodes: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = nodes
+    await _inbox_id(a)
+    when = datetime(2026, 1, 1, tzinfo=UTC)
+
+    async def leak(store: PostgresStore) -> bool:
+        async with store.write() as tx:
+            told = await tx.record_exposure(
+                "bob@example.com", "192.0.2.1", "imap", when, timedelta(days=1)
+            )
+            await asyncio.sleep(0.05)  # both transactions open at once
+        return told
+
+    results = await asyncio.gather(*(leak(s) for s in (a, b, a, b)))
+    assert results.count(True) == 1

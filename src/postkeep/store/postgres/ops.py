@@ -23,7 +23,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, BinaryIO, TypeAlias
 
 import asyncpg
@@ -39,6 +39,7 @@ from postkeep.store.api import (
     ChangeKind,
     DkimKey,
     Domain,
+    Exposure,
     FlagChange,
     FlagOp,
     Mailbox,
@@ -181,6 +182,81 @@ async def set_password(conn: Conn, address: str, password_hash: str) -> None:
     )
     if done is None:
         raise StorageError(StorageErrorKind.NOT_FOUND, f"account {a} does not exist")
+    # A new password is no longer exposed (auth/exposure.py).
+    await conn.execute("DELETE FROM password_exposures WHERE account_id = $1", done)
+
+
+async def _account_id(conn: Conn, address: str) -> int:
+    a, _ = _address(address)
+    # FOR SHARE: the account cannot be deleted by another node before we commit.
+    account_id = await conn.fetchval(
+        "SELECT id FROM accounts WHERE address = $1 FOR SHARE", a
+    )
+    if account_id is None:
+        raise StorageError(StorageErrorKind.NOT_FOUND, f"account {a} does not exist")
+    return int(account_id)
+
+
+async def exposures(conn: Conn, address: str | None = None) -> list[Exposure]:
+    sql = (
+        "SELECT a.address, e.peer, e.service, e.first_at, e.last_at, e.notified_at"
+        " FROM password_exposures e JOIN accounts a ON a.id = e.account_id"
+    )
+    args: list[str] = []
+    if address is not None:
+        try:
+            a, _ = _address(address)
+        except ValueError:
+            return []
+        sql += " WHERE a.address = $1"
+        args.append(a)
+    rows = await conn.fetch(
+        sql + " ORDER BY e.last_at DESC, a.address, e.peer, e.service", *args
+    )
+    return [
+        Exposure(r[0], r[1], r[2], from_us(r[3]), from_us(r[4]),
+                 None if r[5] is None else from_us(r[5]))
+        for r in rows
+    ]
+
+
+async def record_exposure(
+    conn: Conn, address: str, peer: str, service: str, when: datetime, notify_every: timedelta
+) -> bool:
+    account_id = await _account_id(conn, address)
+    at = to_us(when)
+    # New (peer, service): insert it, told now. Two nodes inserting at once: the second
+    # waits for the first, finds the conflict and goes on below with the committed row.
+    inserted = await conn.fetchval(
+        "INSERT INTO password_exposures"
+        " (account_id, peer, service, first_at, last_at, notified_at)"
+        " VALUES ($1, $2, $3, $4, $4, $4) ON CONFLICT DO NOTHING RETURNING 1",
+        account_id, peer, service, at,
+    )
+    if inserted is not None:
+        return True
+    # Known: the row lock makes "was it told within notify_every?" and the update one step.
+    notified = await conn.fetchval(
+        "SELECT notified_at FROM password_exposures"
+        " WHERE account_id = $1 AND peer = $2 AND service = $3 FOR UPDATE",
+        account_id, peer, service,
+    )
+    due = notified is None or at - notified >= notify_every // timedelta(microseconds=1)
+    await conn.execute(
+        "UPDATE password_exposures SET last_at = greatest(last_at, $4),"
+        " notified_at = CASE WHEN $5 THEN $4 ELSE notified_at END"
+        " WHERE account_id = $1 AND peer = $2 AND service = $3",
+        account_id, peer, service, at, due,
+    )
+    return due
+
+
+async def clear_exposures(conn: Conn, address: str) -> int:
+    account_id = await _account_id(conn, address)
+    rows = await conn.fetch(
+        "DELETE FROM password_exposures WHERE account_id = $1 RETURNING 1", account_id
+    )
+    return len(rows)
 
 
 async def del_account(conn: Conn, address: str, log: list[Change]) -> None:

@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, BinaryIO, TypeAlias, TypeVar
 
 import asyncpg
@@ -42,6 +42,7 @@ from postkeep.store.api import (
     ChangeFeed,
     DkimKey,
     Domain,
+    Exposure,
     FlagChange,
     FlagOp,
     Mailbox,
@@ -124,6 +125,9 @@ class PgReadTx:
     async def list_accounts(self, domain: str | None = None) -> list[Account]:
         return await self._read(lambda c: ops.list_accounts(c, domain))
 
+    async def exposures(self, address: str | None = None) -> list[Exposure]:
+        return await self._read(lambda c: ops.exposures(c, address))
+
     async def alias_targets(self, source: str) -> list[str]:
         return await self._read(lambda c: ops.alias_targets(c, source))
 
@@ -204,6 +208,16 @@ class PgWriteTx(PgReadTx):
 
     async def set_password(self, address: str, password_hash: str) -> None:
         await self._plain(lambda c: ops.set_password(c, address, password_hash))
+
+    async def record_exposure(
+        self, address: str, peer: str, service: str, when: datetime, notify_every: timedelta
+    ) -> bool:
+        return await self._plain(
+            lambda c: ops.record_exposure(c, address, peer, service, when, notify_every)
+        )
+
+    async def clear_exposures(self, address: str) -> int:
+        return await self._plain(lambda c: ops.clear_exposures(c, address))
 
     async def del_account(self, address: str) -> None:
         await self._write(lambda c, log: ops.del_account(c, address, log))
