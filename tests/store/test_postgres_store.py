@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 from pg_server import PgServer, PgUnavailable, unavailable
 
-from postkeep.store.api import RecipientState, StorageError, StorageErrorKind
-from postkeep.store.postgres import PostgresStore
+from postkeep.store.api import Change, ChangeKind, RecipientState, StorageError, StorageErrorKind
+from postkeep.store.postgres import PostgresStore, notify
 from postkeep.store.postgres.migrate import migrations
 
 HERE = Path(__file__).parent
@@ -214,3 +214,69 @@ async def test_concurrent_exposures_on_two_nodes_tell_once(
 
     results = await asyncio.gather(*(leak(s) for s in (a, b, a, b)))
     assert results.count(True) == 1
+
+
+async def test_other_nodes_hear_committed_changes_once(
+    nodes: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = nodes
+    inbox = await _inbox_id(a)
+    on_a, on_b = a.changes.subscribe([inbox]), b.changes.subscribe([inbox])
+    try:
+        with pytest.raises(RuntimeError):
+            async with a.write() as tx:
+                blob = await tx.put_blob(b"rolled back")
+                await tx.append(inbox, blob)
+                raise RuntimeError("roll back")
+        async with a.write() as tx:
+            blob = await tx.put_blob(b"hello")
+            uid = await tx.append(inbox, blob)
+        for sub in (on_a, on_b):
+            got = await sub.wait(timeout=10)
+            assert [(c.mailbox_id, c.kind, c.uids) for c in got] == [
+                (inbox, ChangeKind.APPEND, (uid,))
+            ]
+            # Once: a node does not hear its own NOTIFY again; the rollback sent nothing.
+            assert await sub.wait(timeout=0.3) == []
+    finally:
+        on_a.close()
+        on_b.close()
+
+
+def test_notify_payloads_stay_under_the_limit() -> None:
+    big = Change(7, ChangeKind.FLAGS, tuple(range(1, 5000)), 9)
+    small = [Change(m, ChangeKind.APPEND, (m,), m + 1) for m in range(1, 800)]
+    payloads = notify.encode("node", [big, *small])
+    assert all(len(p.encode()) <= notify.MAX_PAYLOAD for p in payloads)
+    got = [c for p in payloads for c in (notify.decode(p) or ("", []))[1]]
+    assert got[0] == Change(7, ChangeKind.MAILBOX, (), 9)  # too many UIDs: re-read it
+    assert got[1:] == small
+    assert notify.decode("not json") is None
+    assert notify.decode('{"n": "x", "c": [[1, "NOPE", [], 1]]}') is None
+
+
+async def test_a_lost_listen_connection_is_reopened(
+    dsn: str, nodes: tuple[PostgresStore, PostgresStore]
+) -> None:
+    a, b = nodes
+    inbox = await _inbox_id(a)
+    old = b._listener.get_server_pid()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("SELECT pg_terminate_backend($1)", old)
+    finally:
+        await conn.close()
+    for _ in range(100):
+        await asyncio.sleep(0.1)
+        if not b._listener.is_closed() and b._listener.get_server_pid() != old:
+            break
+    else:
+        raise AssertionError("the LISTEN connection was not reopened")
+    sub = b.changes.subscribe([inbox])
+    try:
+        async with a.write() as tx:
+            uid = await tx.append(inbox, await tx.put_blob(b"after"))
+        got = await sub.wait(timeout=10)
+        assert [c.uids for c in got] == [(uid,)]
+    finally:
+        sub.close()

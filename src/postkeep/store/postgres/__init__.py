@@ -3,8 +3,8 @@
 ``PostgresStore(dsn)`` keeps what ``SqliteStore`` keeps — accounts, mailboxes, messages,
 message bytes (``bytea``, for now) and the outbound queue — in a PostgreSQL database
 reached through an asyncpg pool. Modules: ``migrate`` (numbered ``schema/NNNN_name.sql``
-files), ``ops`` (the SQL of each operation), ``store`` (transactions, error translation,
-the ``Store`` itself).
+files), ``ops`` (the SQL of each operation), ``notify`` (changes between nodes by
+LISTEN/NOTIFY), ``store`` (transactions, error translation, the ``Store`` itself).
 
 Invariants:
 - ``async with store.write()`` returns only after its COMMIT returned, with

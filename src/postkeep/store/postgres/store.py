@@ -13,9 +13,11 @@ Invariants:
   caller may acknowledge anything. A COMMIT whose outcome is unknown (the connection
   dropped) raises TEMP: the sender retries, so a message may arrive twice, never zero times.
 - Changes are published on ``store.changes`` after COMMIT, never for a rolled-back
-  transaction or a call that raised. They are in-process for now; for several nodes the
-  transaction will NOTIFY them before COMMIT (delivered only if it commits, to every
-  node), and each node's LISTEN callback will feed the same ``LocalChangeFeed``.
+  transaction or a call that raised: locally right after the COMMIT, and to the other
+  nodes by a NOTIFY sent inside the transaction (delivered only if it commits). Each node
+  LISTENs on one extra connection and feeds what other nodes did into its
+  ``LocalChangeFeed`` (``notify.py``). While that connection is down (it is reopened),
+  other nodes' changes are not heard; sessions still see them when they next read.
 - One transaction is one pooled connection; its calls are serialised by a lock (asyncpg
   runs one query at a time per connection). A transaction object is dead after its block.
 - No asyncpg exception leaves the package: callers see ``StorageError``.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import datetime, timedelta
@@ -61,6 +64,7 @@ from postkeep.store.api import (
 )
 from postkeep.store.postgres import ops
 from postkeep.store.postgres.migrate import migrate
+from postkeep.store.postgres.notify import CHANNEL, decode, encode
 from postkeep.store.sqlite.feed import DEFAULT_BACKLOG, LocalChangeFeed
 
 log = logging.getLogger(__name__)
@@ -355,6 +359,10 @@ class PostgresStore:
         self.migrated: tuple[int, ...] = ()
         self._pool: asyncpg.Pool | None = None
         self._state = "new"  # new → open → closed
+        #: This store's id in NOTIFY payloads: its own changes are published locally.
+        self.node = uuid.uuid4().hex
+        self._listener: Any = None
+        self._listen_task: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         if self._state == "open":
@@ -382,6 +390,12 @@ class PostgresStore:
                 raise convert(e, "migrating the schema") from e
             raise
         self._pool = pool
+        try:
+            await self._listen()
+        except _ERRORS as e:
+            await pool.close()
+            self._state = "closed"
+            raise convert(e, "LISTEN") from e
         self._state = "open"
         log.info("store.postgres.open", extra={"migrated": list(self.migrated)})
 
@@ -390,11 +404,61 @@ class PostgresStore:
             return
         was_open = self._state == "open"
         self._state = "closed"
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+            await asyncio.gather(self._listen_task, return_exceptions=True)
+        await self._unlisten()
         self._feed.close()
         if was_open and self._pool is not None:
             # Waits for every acquired connection (every open transaction) to come back.
             await self._pool.close()
             self._pool = None
+
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(
+            self._dsn, timeout=self._timeout, server_settings=SERVER_SETTINGS
+        )
+        conn.add_termination_listener(self._on_lost)
+        await conn.add_listener(CHANNEL, self._on_notify)
+        self._listener = conn
+
+    async def _unlisten(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is not None:
+            conn.remove_termination_listener(self._on_lost)
+            try:
+                await conn.close(timeout=self._timeout)
+            except _ERRORS:
+                conn.terminate()
+
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        got = decode(payload)
+        if got is None:
+            log.warning("store.postgres.notify_ignored", extra={"bytes": len(payload)})
+            return
+        node, changes = got
+        if node != self.node:
+            self._feed.publish(changes)
+
+    def _on_lost(self, _conn: Any) -> None:
+        if self._state == "open" and self._listen_task is None:
+            log.error("store.postgres.listen_lost")
+            self._listen_task = asyncio.get_running_loop().create_task(self._relisten())
+
+    async def _relisten(self) -> None:
+        delay = 0.5
+        try:
+            while self._state == "open":
+                await asyncio.sleep(delay)
+                try:
+                    await self._listen()
+                except _ERRORS:
+                    delay = min(delay * 2, 30.0)
+                    continue
+                log.info("store.postgres.listen_restored")
+                return
+        finally:
+            self._listen_task = None
 
     def read(self) -> AbstractAsyncContextManager[ReadTx]:
         return self._read()
@@ -458,6 +522,19 @@ class PostgresStore:
             # Wait for a call still running (a caller that did not await it) to finish.
             async with tx._lock:
                 tx.active = False
+            if tx.changes:
+                # Inside the transaction: the other nodes hear of it only if it commits.
+                try:
+                    for payload in encode(self.node, tx.changes):
+                        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+                except BaseException as e:
+                    try:
+                        await tr.rollback()
+                    except _ERRORS:
+                        log.warning("store.postgres.rollback_failed")
+                    if isinstance(e, _ERRORS):
+                        raise convert(e, "NOTIFY") from e
+                    raise
             started = time.perf_counter()
             try:
                 await tr.commit()
