@@ -357,21 +357,8 @@ class Listener:
 
         Nothing is consumed: the byte stays for the TLS layer (or is never read at all).
         """
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-        fd = conn.fileno()
-
-        def readable() -> None:
-            if not ready.done():
-                ready.set_result(None)
-
-        loop.add_reader(fd, readable)
-        try:
-            await asyncio.wait_for(ready, timeout)
-        except TimeoutError:
+        if not await _readable(conn, timeout):
             return "silent"
-        finally:
-            loop.remove_reader(fd)
         try:
             first = conn.recv(1, socket.MSG_PEEK)
         except OSError:
