@@ -59,16 +59,20 @@ from postkeep.store.sqlite.connection import from_us, now_us, to_us
 # The argument checks and normalisation are the backend-independent part of the SQLite
 # operations; sharing them keeps both backends' lower-casing and flag rules identical.
 from postkeep.store.sqlite.ops import (
+    _ENTRY_COLUMNS,
     _MAX_LOCK_TTL,
     _MAX_UID,
+    _RCPT_COLUMNS,
     BLOB_CHUNK,
     DELIMITER,
     _address,
     _alias_source,
+    _assemble_entries,
     _domain,
     _flags,
     _flags_text,
     _mailbox_name,
+    _queue_recipient,
 )
 
 #: An ``asyncpg.Connection`` (asyncpg ships no type information).
@@ -921,12 +925,6 @@ async def outbound(conn: Conn, limit: int = 100) -> list[OutboundRow]:
     ]
 
 
-_ENTRY_COLUMNS = (
-    "o.id, o.sender, o.blob_id, b.size, o.created, o.next_attempt, o.attempts,"
-    " o.delay_notified, o.lease_holder, o.lease_until"
-)
-
-
 async def _entries(conn: Conn, ids: Sequence[QueueId], now: int) -> list[QueueEntry]:
     heads = {
         r[0]: r
@@ -938,40 +936,12 @@ async def _entries(conn: Conn, ids: Sequence[QueueId], now: int) -> list[QueueEn
     }
     rcpts: dict[int, list[QueueRecipient]] = {}
     for r in await conn.fetch(
-        "SELECT queue_id, address, state, attempts, last_error, last_attempt"
+        f"SELECT {_RCPT_COLUMNS}"
         " FROM outbound_rcpts WHERE queue_id = ANY($1::bigint[]) ORDER BY queue_id, position",
         list(ids),
     ):
-        rcpts.setdefault(r[0], []).append(
-            QueueRecipient(
-                address=r[1],
-                state=RecipientState(r[2]),
-                attempts=r[3],
-                last_error=r[4],
-                last_attempt=None if r[5] is None else from_us(r[5]),
-            )
-        )
-    out: list[QueueEntry] = []
-    for queue_id in ids:
-        h = heads.get(queue_id)
-        if h is None:
-            continue
-        leased = h[8] is not None and h[9] is not None and h[9] > now
-        out.append(
-            QueueEntry(
-                id=h[0],
-                sender=h[1],
-                recipients=tuple(rcpts.get(queue_id, ())),
-                blob=BlobRef(h[2], h[3]),
-                created=from_us(h[4]),
-                next_attempt=from_us(h[5]),
-                attempts=h[6],
-                delay_notified=bool(h[7]),
-                lease_holder=h[8] if leased else None,
-                lease_until=from_us(h[9]) if leased else None,
-            )
-        )
-    return out
+        rcpts.setdefault(r[0], []).append(_queue_recipient(r))
+    return _assemble_entries(ids, heads, rcpts, now)
 
 
 async def queue_entries(conn: Conn, limit: int = 100) -> list[QueueEntry]:

@@ -1100,20 +1100,38 @@ def _entries(conn: sqlite3.Connection, ids: Sequence[QueueId], now: int) -> list
         ):
             heads[row[0]] = row
         for r in conn.execute(
-            "SELECT queue_id, address, state, attempts, last_error, last_attempt"
+            f"SELECT {_RCPT_COLUMNS}"
             f" FROM outbound_rcpts WHERE queue_id IN ({_marks(len(chunk))})"
             " ORDER BY queue_id, position",
             chunk,
         ):
-            rcpts.setdefault(r[0], []).append(
-                QueueRecipient(
-                    address=r[1],
-                    state=RecipientState(r[2]),
-                    attempts=r[3],
-                    last_error=r[4],
-                    last_attempt=None if r[5] is None else from_us(r[5]),
-                )
-            )
+            rcpts.setdefault(r[0], []).append(_queue_recipient(r))
+    return _assemble_entries(ids, heads, rcpts, now)
+
+
+# Row decoding shared with the PostgreSQL backend (same columns, same meaning).
+_RCPT_COLUMNS = "queue_id, address, state, attempts, last_error, last_attempt"
+
+
+def _queue_recipient(r: Sequence[Any]) -> QueueRecipient:
+    """A row of ``_RCPT_COLUMNS`` as a QueueRecipient."""
+    return QueueRecipient(
+        address=r[1],
+        state=RecipientState(r[2]),
+        attempts=r[3],
+        last_error=r[4],
+        last_attempt=None if r[5] is None else from_us(r[5]),
+    )
+
+
+def _assemble_entries(
+    ids: Sequence[QueueId],
+    heads: Mapping[int, Sequence[Any]],
+    rcpts: Mapping[int, list[QueueRecipient]],
+    now: int,
+) -> list[QueueEntry]:
+    """QueueEntries in the order of ``ids`` from ``_ENTRY_COLUMNS`` rows and recipients;
+    a lease that expired by ``now`` is reported as no lease."""
     out: list[QueueEntry] = []
     for queue_id in ids:
         h = heads.get(queue_id)
