@@ -282,6 +282,8 @@ class App:
             store=self.store,
             auth=self.auth,
             holder=f"{self.config.hostname}/{os.getpid()}/{info.cid}",
+            lock_ttl=self.config.limits.maildrop_lock,
+            lock_refresh=self.config.limits.maildrop_lock / 4,
         )
         await pop3_server.serve(
             stream,

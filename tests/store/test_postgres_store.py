@@ -16,6 +16,8 @@ import asyncpg
 import pytest
 from pg_server import PgServer, PgUnavailable, unavailable
 
+from postkeep.config.schema import Config, StorageConfig, TlsConfig
+from postkeep.store import make_store
 from postkeep.store.api import Change, ChangeKind, RecipientState, StorageError, StorageErrorKind
 from postkeep.store.postgres import PostgresStore, notify
 from postkeep.store.postgres.migrate import migrations
@@ -280,3 +282,44 @@ async def test_a_lost_listen_connection_is_reopened(
         assert [c.uids for c in got] == [(uid,)]
     finally:
         sub.close()
+
+
+async def test_pool_settings_bound_the_connections_of_a_node(dsn: str, tmp_path: Path) -> None:
+    """``[storage] pool_min``/``pool_max`` reach the pool through ``make_store``: a node
+    opens pool_min connections (plus one for LISTEN) and never more than pool_max, even
+    with more transactions at once than that (the others wait their turn)."""
+    config = Config(
+        path=tmp_path / "postkeep.toml", hostname="mail.example.test", data_dir=tmp_path,
+        tls=TlsConfig(cert=Path(), key=Path()),
+        storage=StorageConfig(backend="postgresql", dsn=dsn, pool_min=3, pool_max=3,
+                              connect_timeout=5.0),
+    )
+    store = make_store(config)
+    await store.open()
+    watcher = await asyncpg.connect(dsn)
+    one_query = asyncio.Lock()  # one query at a time on the watcher's connection
+
+    async def connections() -> int:
+        async with one_query:
+            count: int = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = 'postkeep'"
+            )
+        return count
+
+    try:
+        assert await connections() == 3 + 1
+        seen: list[int] = []
+
+        async def hold() -> None:
+            async with store.read() as tx:
+                await tx.list_domains()
+                seen.append(await connections())
+                await asyncio.sleep(0.2)
+
+        await asyncio.gather(*(hold() for _ in range(8)))
+        assert len(seen) == 8
+        assert max(seen) <= 3 + 1
+    finally:
+        await watcher.close()
+        await store.close()

@@ -323,6 +323,9 @@ _CHECKS: dict[tuple[str, str], _Check] = {
     ("auth", "max_delay"): _not_negative,
     ("auth", "failures_before_lockout"): _positive,
     ("auth", "lockout_seconds"): _positive,
+    ("storage", "pool_min"): _positive,
+    ("storage", "pool_max"): _positive,
+    ("storage", "connect_timeout"): _positive,
 }
 
 _TYPES: dict[str, tuple[type, str]] = {
@@ -542,6 +545,11 @@ def _load_storage(file: Path, doc: Mapping[str, Any]) -> StorageConfig:
         if not storage.dsn.startswith(_DSN_SCHEMES):
             # The DSN may contain a password: describe it, never echo it.
             raise reader.error("dsn", 'must be a URL starting with "postgresql://"')
+        if storage.pool_max < storage.pool_min:
+            raise reader.error(
+                "pool_max",
+                f"must be at least pool_min ({storage.pool_min}), got {storage.pool_max}",
+            )
     elif storage.dsn:
         # A DSN with the SQLite backend means the operator believes the data is in
         # PostgreSQL while it is written to a local file: refuse rather than split data.
@@ -885,8 +893,15 @@ _COMMENTS: dict[tuple[str | None, str], tuple[str, ...]] = {
     ("limits", "idle_timeout"): ("seconds without a command (RFC 5321 §4.5.3.2.7)",),
     ("limits", "data_timeout"): ("seconds for a whole DATA/BDAT transfer",),
     ("limits", "shutdown_grace"): ("seconds sessions get to finish on SIGTERM",),
+    ("limits", "maildrop_lock"): (
+        "seconds a POP3 maildrop lock lasts after its session",
+        "or node died (RFC 1939 exclusive access)",
+    ),
     ("storage", "backend"): ('"sqlite" (one node) or "postgresql" (several nodes)',),
     ("storage", "dsn"): ('postgresql://user@host/db when backend = "postgresql"',),
+    ("storage", "pool_min"): ("PostgreSQL connections each node keeps open",),
+    ("storage", "pool_max"): ("PostgreSQL connections at most per node (plus LISTEN)",),
+    ("storage", "connect_timeout"): ("seconds to wait for a PostgreSQL connection",),
     ("auth", "failures_before_delay"): ("failed logins from a client before replies slow down",),
     ("auth", "max_delay"): ("seconds: the longest delay added to a failed login",),
     ("auth", "failures_before_lockout"): ("failed logins before the client is locked out",),

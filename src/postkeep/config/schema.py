@@ -105,12 +105,20 @@ class LimitsConfig:
     idle_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7: server timeout 5 minutes
     data_timeout: float = 600.0  # whole DATA/BDAT transfer
     shutdown_grace: float = 10.0  # seconds in-flight sessions get on SIGTERM
+    # Seconds a POP3 maildrop lock outlives the session (or node) that stopped refreshing
+    # it; a live session refreshes it every quarter of this.
+    maildrop_lock: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     backend: str = "sqlite"  # "sqlite" or "postgresql"
     dsn: str = ""
+    # PostgreSQL only: the connection pool of each node (every open transaction holds one
+    # connection; LISTEN takes one more), and how long to wait for a connection.
+    pool_min: int = 1
+    pool_max: int = 10
+    connect_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)

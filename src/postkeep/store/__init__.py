@@ -18,5 +18,10 @@ def make_store(config: Config) -> Store:
         from postkeep.store.postgres import PostgresStore
 
         assert config.storage.dsn  # config/load.py refuses postgresql without a dsn
-        return PostgresStore(config.storage.dsn)
+        return PostgresStore(
+            config.storage.dsn,
+            min_connections=config.storage.pool_min,
+            max_connections=config.storage.pool_max,
+            connect_timeout=config.storage.connect_timeout,
+        )
     raise NotImplementedError(f"storage backend {config.storage.backend!r} is not available yet")

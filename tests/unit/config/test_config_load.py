@@ -486,6 +486,35 @@ def test_postgresql_with_dsn(write):
     assert config.storage == StorageConfig("postgresql", "postgresql://pk@db/pk")
 
 
+def test_pool_settings_are_read(write):
+    config = load_config(write(storage={
+        "backend": '"postgresql"', "dsn": '"postgresql://pk@db/pk"',
+        "pool_min": "2", "pool_max": "30", "connect_timeout": "2.5",
+    }))
+    assert (config.storage.pool_min, config.storage.pool_max) == (2, 30)
+    assert config.storage.connect_timeout == 2.5
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("pool_min", "0"), ("pool_max", "-1"), ("connect_timeout", "0"),
+])
+def test_pool_settings_must_be_positive(write, key, value):
+    err = error_of(write(storage={
+        "backend": '"postgresql"', "dsn": '"postgresql://pk@db/pk"', key: value,
+    }))
+    assert err.key == f"[storage] {key}"
+    assert "must be positive" in err.message
+
+
+def test_pool_max_below_pool_min(write):
+    err = error_of(write(storage={
+        "backend": '"postgresql"', "dsn": '"postgresql://pk@db/pk"',
+        "pool_min": "5", "pool_max": "4",
+    }))
+    assert err.key == "[storage] pool_max"
+    assert "at least pool_min (5)" in err.message
+
+
 # -- limits and other numbers -------------------------------------------------------------
 
 
