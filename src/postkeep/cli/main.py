@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from postkeep.cli import accounts, init, probe, queue, serve
+from postkeep.cli import accounts, db, init, probe, queue, serve
 from postkeep.cli.common import CliError
 from postkeep.errors import ConfigError
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     accounts.add_parsers(sub, common)
     probe.add_parser(sub, common)
     queue.add_parsers(sub, common)
+    db.add_parsers(sub, common)
     return parser
 
 
