@@ -33,7 +33,8 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[bench]'
-	$(PY) bench/smtp_submit.py
+	$(PY) bench/smtp_submit.py --backends sqlite,postgresql
+	$(PY) bench/imap_fetch.py --backends sqlite,postgresql
 
 clean:
 	rm -rf $(VAR) build dist src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

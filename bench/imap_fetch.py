@@ -12,10 +12,14 @@ line per figure:
   opening C implicit-TLS connections (default 1,000) that each LOGIN, SELECT INBOX and IDLE.
 
 Each timing is the median of three runs on one connection, measured at the client (TLS
-and the client's parsing included). Peers (Dovecot) are started when one is installed and
-wired here; the output says when none was.
+and the client's parsing included). postkeep runs once per storage backend (``--backends``,
+default both): SQLite, and PostgreSQL on a throwaway server the bench starts; each figure is
+printed for each backend, followed by its PostgreSQL/SQLite ratio from the same run
+(PostgreSQL's time or memory over SQLite's: above 1, PostgreSQL costs more), and the store
+commits per message of the load. Peers (Dovecot) are started when one is
+installed and wired here; the output says when none was.
 
-    python bench/imap_fetch.py [-n 5000] [-c 1000]
+    python bench/imap_fetch.py [-n 5000] [-c 1000] [--backends sqlite,postgresql]
 """
 
 from __future__ import annotations
@@ -37,15 +41,28 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
+
+from backends import Postgres, add_backends_option, use_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 USER, PASSWORD = "bench@example.test", "bench-password-1"
 HOST = "mail.example.test"
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One measured figure of one backend; LABEL is the same for every backend."""
+
+    label: str
+    value: float
+    unit: str
+    note: str = ""
 
 
 def free_port() -> int:
@@ -103,8 +120,9 @@ def message(i: int, rng: random.Random) -> bytes:
     ).encode()
 
 
-async def prefill(config_path: Path, n: int) -> None:
-    """N messages into the bench user's INBOX through the store's IMAP APPEND path."""
+async def prefill(config_path: Path, n: int) -> int:
+    """N messages into the bench user's INBOX through the store's IMAP APPEND path, on the
+    configured backend; returns the store commits it took."""
     from postkeep.config.load import load_config
     from postkeep.ingest import Ingest
     from postkeep.store import make_store
@@ -130,6 +148,7 @@ async def prefill(config_path: Path, n: int) -> None:
             ))
     finally:
         await store.close()
+    return store.stats.commits
 
 
 # -- a small IMAP client -------------------------------------------------------------------
@@ -192,27 +211,26 @@ async def timed(fn: Callable[[], Awaitable[T]], runs: int = 3) -> tuple[float, T
     return statistics.median(times), result
 
 
-async def measure(port: int, pid: int, n: int, c: int, ctx: ssl.SSLContext) -> list[str]:
-    out: list[str] = []
+async def measure(port: int, pid: int, n: int, c: int, ctx: ssl.SSLContext) -> list[Figure]:
+    out: list[Figure] = []
     imap = await Imap.connect(port, ctx)
     await imap.command(f'LOGIN "{USER}" "{PASSWORD}"')
 
     t, res = await timed(lambda: imap.command("SELECT INBOX"))
     exists = [ln for ln in res if re.match(rb"\* \d+ EXISTS", ln)]
     assert exists and int(exists[0].split()[1]) == n, exists
-    out.append(f"postkeep  SELECT INBOX ({n} messages):                      {t * 1000:9.1f} ms")
+    out.append(Figure(f"SELECT INBOX ({n} messages):", t * 1000, "ms"))
 
     t, res = await timed(lambda: imap.command("FETCH 1:* (UID FLAGS RFC822.SIZE ENVELOPE)"))
     assert sum(1 for ln in res if b" FETCH " in ln) == n
-    out.append(f"postkeep  FETCH 1:* (UID FLAGS RFC822.SIZE ENVELOPE):      {t * 1000:9.1f} ms")
+    out.append(Figure("FETCH 1:* (UID FLAGS RFC822.SIZE ENVELOPE):", t * 1000, "ms"))
 
     for query, expect in (("SUBJECT needle", (n + 249) // 250), ("UNSEEN", n - (n + 2) // 3),
                           ("BODY needle", None)):
         t, res = await timed(lambda q=query: imap.command(f"UID SEARCH {q}"))  # type: ignore[misc]
         hits = sum(len(ln.split()) - 2 for ln in res if ln.startswith(b"* SEARCH"))
         assert expect is None or hits == expect, (query, hits, expect)
-        out.append(f"postkeep  UID SEARCH {query:<16} ({hits:4d} hits):          "
-                   f"{t * 1000:9.1f} ms")
+        out.append(Figure(f"UID SEARCH {query:<16} ({hits:4d} hits):", t * 1000, "ms"))
     await imap.command("LOGOUT")
     imap.close()
 
@@ -238,18 +256,20 @@ async def measure(port: int, pid: int, n: int, c: int, ctx: ssl.SSLContext) -> l
     after = rss_kib(pid)
     k = len(open_conns)
     if k:
-        out.append(f"postkeep  RSS per idle IMAPS connection (LOGIN+SELECT+IDLE, {k} open): "
-                   f"{(after - before) / k:7.1f} KiB  (server {before / 1024:.0f} → "
-                   f"{after / 1024:.0f} MiB; opened in {opened:.1f} s)")
+        out.append(Figure(f"RSS per idle IMAPS connection (LOGIN+SELECT+IDLE, {k} open):",
+                          (after - before) / k, "KiB",
+                          f"  (server {before / 1024:.0f} → {after / 1024:.0f} MiB; "
+                          f"opened in {opened:.1f} s)"))
     if failures:
-        out.append(f"postkeep  {len(failures)} of {c} idle connections failed: {failures[0]!r}")
+        out.append(Figure(f"idle connections failed of {c}: {failures[0]!r}",
+                          len(failures), ""))
     for client in open_conns:
         client.close()
     return out
 
 
 # -- running postkeep ----------------------------------------------------------------------
-def configure(work: Path, port: int, c: int) -> Path:
+def configure(work: Path, port: int, c: int, backend: str = "sqlite", dsn: str = "") -> Path:
     py = sys.executable
     subprocess.run([py, "-m", "postkeep", "init", "--dir", str(work), "--hostname", HOST,
                     "--domain", "example.test"], check=True, capture_output=True)
@@ -263,19 +283,22 @@ def configure(work: Path, port: int, c: int) -> Path:
     text = re.sub(r"(?m)^connections_total( *)= *[\d_]+", rf"connections_total\1= {room}", text)
     text = re.sub(r'(?m)^log_level( *)= *"[^"]*"', r'log_level\1= "warning"', text)
     config.write_text(text)
+    use_backend(config, backend, dsn)
     subprocess.run([py, "-m", "postkeep", "--config", str(config), "user", "add", USER,
                     "--password-stdin"], input=PASSWORD + "\n", text=True, check=True,
                    capture_output=True)
     return config
 
 
-def run_postkeep(work: Path, n: int, c: int) -> list[str]:
+def run_postkeep(work: Path, n: int, c: int, backend: str = "sqlite",
+                 dsn: str = "") -> list[Figure]:
     port = free_port()
-    config = configure(work, port, c)
+    config = configure(work, port, c, backend, dsn)
     start = time.perf_counter()
-    asyncio.run(prefill(config, n))
-    lines = [f"postkeep  load {n} messages (APPEND path, group commit):        "
-             f"{time.perf_counter() - start:9.1f} s"]
+    commits = asyncio.run(prefill(config, n))
+    figures = [Figure(f"load {n} messages (APPEND path, concurrent):",
+                      time.perf_counter() - start, "s"),
+               Figure("store commits per message of the load:", commits / n, "")]
     log = work / "server.log"
     proc = subprocess.Popen([sys.executable, "-m", "postkeep", "--config", str(config), "serve"],
                             stderr=log.open("wb"))
@@ -283,7 +306,7 @@ def run_postkeep(work: Path, n: int, c: int) -> list[str]:
         wait_port(port, proc)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.load_verify_locations(str(work / "tls" / "fullchain.pem"))
-        lines += asyncio.run(measure(port, proc.pid, n, c, ctx))
+        figures += asyncio.run(measure(port, proc.pid, n, c, ctx))
     except Exception:
         sys.stderr.write(log.read_text()[-4000:])
         raise
@@ -293,7 +316,7 @@ def run_postkeep(work: Path, n: int, c: int) -> list[str]:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return lines
+    return figures
 
 
 def peers() -> list[str]:
@@ -302,18 +325,51 @@ def peers() -> list[str]:
     return ["dovecot   installed, but this bench does not start it yet: no peer figures"]
 
 
+def show(name: str, f: Figure) -> str:
+    value = f"{f.value:9.3f}" if f.unit == "" else f"{f.value:9.1f} {f.unit}"
+    return f"{name:<21} {f.label:<62} {value}{f.note}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("-n", type=int, default=5000, help="messages in the mailbox")
     parser.add_argument("-c", type=int, default=1000, help="idle IMAPS connections")
+    add_backends_option(parser)
     args = parser.parse_args()
     # Both ends of C TLS connections live on this machine: make room for the descriptors
     # (the server inherits the limit).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 4 * args.c + 1024))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    results: dict[str, list[Figure]] = {}
+    lines: list[str] = []
+    server = ""
     with tempfile.TemporaryDirectory() as tmp:
-        lines = run_postkeep(Path(tmp), args.n, args.c)
+        for backend in args.backends:
+            work = Path(tmp) / backend
+            work.mkdir()
+            if backend == "sqlite":
+                results[backend] = run_postkeep(work, args.n, args.c)
+                continue
+            with Postgres() as pg:
+                if pg.missing is not None:
+                    lines.append(f"{'postkeep[postgresql]':<21} no figures: PostgreSQL could "
+                                 f"not be started here: {pg.missing}")
+                    continue
+                server = pg.describe()
+                results[backend] = run_postkeep(work, args.n, args.c, backend, pg.database())
+    for backend, figures in results.items():
+        name = f"postkeep[{backend}]"
+        lines += [show(name, f) for f in figures]
+        if backend == "postgresql":
+            lines.append(f"{name:<21} server: {server}")
+    if "sqlite" in results and "postgresql" in results:
+        sqlite = {f.label: f for f in results["sqlite"]}
+        for f in results["postgresql"]:
+            base = sqlite.get(f.label)
+            if base is not None and f.unit in ("ms", "s", "KiB") and base.value > 0:
+                ratio = f.value / base.value
+                lines.append(f"{'ratio PG/SQLite':<21} {f.label:<62} {ratio:9.2f}x")
     for line in lines + peers():
         print(line, flush=True)
 

@@ -2,12 +2,17 @@
 
 Submits N messages of 10 KB over port 465 (implicit TLS, AUTH PLAIN) from C concurrent
 connections, one message after another on each connection, and prints one line per figure:
-messages/s for each server, their ratio, and postkeep's fsyncs (store commits) per message.
+messages/s for each server, postkeep's store commits per message, and the ratios.
+
+postkeep runs once per storage backend (``--backends``, default both): SQLite, and
+PostgreSQL on a throwaway server the bench starts (fsync and synchronous_commit on, so the
+250 comes after a durable COMMIT on both). Ratios: each backend against the peer, and
+PostgreSQL against SQLite, all from the same run.
 
 The peer is aiosmtpd with the same TLS and AUTH, whose handler makes each message durable
 the common way: write it to its own file and fsync before answering 250.
 
-    python bench/smtp_submit.py [-n 2000] [-c 50]
+    python bench/smtp_submit.py [-n 2000] [-c 50] [--backends sqlite,postgresql]
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from backends import Postgres, add_backends_option, use_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 USER, PASSWORD = "bench@example.test", "bench-password-1"
@@ -116,12 +123,19 @@ def wait_port(port: int) -> None:
     raise TimeoutError(port)
 
 
-def run_postkeep(work: Path, n: int, c: int) -> tuple[float, float]:
-    py = sys.executable
-    subprocess.run([py, "-m", "postkeep", "init", "--dir", str(work), "--hostname",
+def init(work: Path) -> Path:
+    """``postkeep init`` into WORK (a configuration and a self-signed certificate)."""
+    subprocess.run([sys.executable, "-m", "postkeep", "init", "--dir", str(work), "--hostname",
                     "mail.example.test", "--domain", "example.test"], check=True,
                    capture_output=True)
-    config = work / "postkeep.toml"
+    return work / "postkeep.toml"
+
+
+def run_postkeep(work: Path, n: int, c: int, backend: str = "sqlite",
+                 dsn: str = "") -> tuple[float, float]:
+    py = sys.executable
+    config = init(work)
+    use_backend(config, backend, dsn)
     port = free_port()
     text = config.read_text()
     text = re.sub(r'(?m)^(smtp|submission|imap|imaps|pop3|pop3s|http) *= *"[^"]*"', r'\1 = ""',
@@ -141,6 +155,9 @@ def run_postkeep(work: Path, n: int, c: int) -> tuple[float, float]:
     try:
         wait_port(port)
         rate = asyncio.run(drive(port, n, c))
+    except Exception:
+        sys.stderr.write(log.read_text()[-4000:])
+        raise
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -155,6 +172,7 @@ def run_aiosmtpd(work: Path, n: int, c: int) -> float | None:
     except ImportError:
         return None
     port = free_port()
+    init(work)  # for its certificate
     script = work / "peer.py"
     script.write_text(PEER.format(spool=str(work / "spool"), port=port,
                                   cert=str(work / "tls" / "fullchain.pem"),
@@ -213,18 +231,48 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=2000, help="messages")
     parser.add_argument("-c", type=int, default=50, help="concurrent connections")
+    add_backends_option(parser)
     args = parser.parse_args()
+    what = f"submit 465+AUTH {args.n}x10KB c={args.c}:"
+    ours: dict[str, tuple[float, float]] = {}
+    lines: list[str] = []
+    server = ""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ours, fsyncs = run_postkeep(work, args.n, args.c)
-        peer = run_aiosmtpd(work, args.n, args.c)
-    print(f"postkeep  submit 465+AUTH {args.n}x10KB c={args.c}: {ours:8.1f} msg/s")
-    print(f"postkeep  fsyncs (store commits) per message: {fsyncs:.3f}")
+        for backend in args.backends:
+            (work / backend).mkdir()
+            if backend == "sqlite":
+                ours[backend] = run_postkeep(work / backend, args.n, args.c)
+                continue
+            with Postgres() as pg:
+                if pg.missing is not None:
+                    lines.append(f"{'postkeep[postgresql]':<21} no figure: PostgreSQL could "
+                                 f"not be started here: {pg.missing}")
+                    continue
+                server = pg.describe()
+                ours[backend] = run_postkeep(work / backend, args.n, args.c, backend,
+                                             pg.database())
+        (work / "peer").mkdir()
+        peer = run_aiosmtpd(work / "peer", args.n, args.c)
+    for backend, (rate, commits) in ours.items():
+        name = f"postkeep[{backend}]"
+        durable = "fsyncs (store commits)" if backend == "sqlite" else "store commits (COMMITs)"
+        lines.append(f"{name:<21} {what:<34} {rate:8.1f} msg/s")
+        lines.append(f"{name:<21} {durable} per message: {commits:.3f}")
+        if backend == "postgresql":
+            lines.append(f"{name:<21} server: {server}")
     if peer is None:
-        print("aiosmtpd  not installed (pip install aiosmtpd): no peer figure")
+        lines.append("aiosmtpd  not installed (pip install aiosmtpd): no peer figure")
     else:
-        print(f"aiosmtpd  submit 465+AUTH, fsync per message:   {peer:8.1f} msg/s")
-        print(f"ratio     postkeep / aiosmtpd: {ours / peer:.2f}x")
+        lines.append(f"{'aiosmtpd':<21} {'submit 465+AUTH, fsync per message:':<34} "
+                     f"{peer:8.1f} msg/s")
+        for backend, (rate, _) in ours.items():
+            lines.append(f"ratio     postkeep[{backend}] / aiosmtpd: {rate / peer:.2f}x")
+    if "sqlite" in ours and "postgresql" in ours:
+        ratio = ours["postgresql"][0] / ours["sqlite"][0]
+        lines.append(f"ratio     postkeep[postgresql] / postkeep[sqlite]: {ratio:.2f}x")
+    for line in lines:
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
