@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import smtplib
 import socket
 import ssl
@@ -23,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from server_harness import PASSWORDS, Instance, free_port, have, wait_for
+from haproxy_fixture import Route, ensure_haproxy, start_haproxy, stop_process
+from server_harness import PASSWORDS, Instance, free_port, wait_for
 
 from postkeep.config.schema import Address, Mode, Service
 from postkeep.log import LogfmtFormatter
@@ -229,62 +229,20 @@ def test_listener_without_proxy_protocol_treats_proxy_as_a_bad_command(
 # -- HAProxy ------------------------------------------------------------------------------
 
 
-def _ensure_haproxy() -> str:
-    if have("haproxy"):
-        return "haproxy"
-    if os.geteuid() != 0:
-        pytest.skip("HAProxy is not installed, and installing the Debian package needs root")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "haproxy"]
-    done = subprocess.run(cmd, env=env, capture_output=True, timeout=300)
-    if done.returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
-        subprocess.run(cmd, env=env, capture_output=True, timeout=300)
-    if not have("haproxy"):
-        pytest.skip("HAProxy could not be installed with apt-get (no package source?)")
-    return "haproxy"
-
-
 @pytest.fixture
 def haproxy(tmp_path: Path) -> Iterator[Callable[[int], int]]:
-    binary = _ensure_haproxy()
+    ensure_haproxy()  # skips here, before a server is started, when there is none
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(backend_port: int) -> int:
         front = free_port()
-        cfg = tmp_path / "haproxy.cfg"
-        cfg.write_text(
-            "global\n  maxconn 100\n"
-            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n"
-            "  timeout server 30s\n"
-            f"frontend fe\n  bind 127.0.0.2:{front}\n  default_backend be\n"
-            f"backend be\n  server pk 127.0.0.1:{backend_port} send-proxy-v2\n"
-        )
-        check = subprocess.run([binary, "-c", "-f", str(cfg)], capture_output=True, text=True)
-        assert check.returncode == 0, check.stdout + check.stderr
-        proc = subprocess.Popen(
-            [binary, "-db", "-f", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        procs.append(proc)
-
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.2", front), 0.5).close()
-            except OSError:
-                return False
-            return True
-
-        assert wait_for(listening, 10), "HAProxy did not start listening"
+        route = Route("pk", ("127.0.0.2", front), ("127.0.0.1", backend_port))
+        procs.append(start_haproxy([route], tmp_path / f"haproxy-{len(procs)}"))
         return front
 
     yield start
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 @pytest.mark.timeout(600)
