@@ -1,8 +1,9 @@
 """The SQL of every store operation, as async functions of an asyncpg connection.
 
-The PostgreSQL twin of ``store/sqlite/ops.py``: the same checks, the same lower-casing
-(the pure helpers are shared), the same error kinds and the same MODSEQ rules; only the
-SQL and the concurrency control differ, because several nodes may write at once.
+The PostgreSQL twin of ``store/sqlite/ops.py``: the same checks, the same lower-casing,
+the same row decoding (all three from ``store/rules.py``), the same error kinds and the
+same MODSEQ rules; only the SQL and the concurrency control differ, because several nodes
+may write at once.
 ``tx.py`` wraps each changing call in its own SAVEPOINT and converts asyncpg errors.
 
 Invariants:
@@ -20,7 +21,6 @@ Invariants:
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -28,9 +28,9 @@ from typing import Any, BinaryIO, TypeAlias
 
 import asyncpg
 
+from postkeep.store import rules
 from postkeep.store.api import (
     DEFAULT_MAILBOXES,
-    DKIM_ALGORITHMS,
     Account,
     AccountId,
     Alias,
@@ -54,26 +54,7 @@ from postkeep.store.api import (
     StorageErrorKind,
     Uid,
 )
-from postkeep.store.sqlite.connection import from_us, now_us, to_us
-
-# The argument checks and normalisation are the backend-independent part of the SQLite
-# operations; sharing them keeps both backends' lower-casing and flag rules identical.
-from postkeep.store.sqlite.ops import (
-    _ENTRY_COLUMNS,
-    _MAX_LOCK_TTL,
-    _MAX_UID,
-    _RCPT_COLUMNS,
-    BLOB_CHUNK,
-    DELIMITER,
-    _address,
-    _alias_source,
-    _assemble_entries,
-    _domain,
-    _flags,
-    _flags_text,
-    _mailbox_name,
-    _queue_recipient,
-)
+from postkeep.store.rules import from_us, now_us, to_us
 
 #: An ``asyncpg.Connection`` (asyncpg ships no type information).
 Conn: TypeAlias = Any
@@ -85,7 +66,7 @@ _NOW = "pk_now_us()"
 
 async def domain_exists(conn: Conn, name: str) -> bool:
     try:
-        d = _domain(name)
+        d = rules.domain(name)
     except ValueError:
         return False
     return await conn.fetchval("SELECT 1 FROM domains WHERE name = $1", d) is not None
@@ -93,11 +74,11 @@ async def domain_exists(conn: Conn, name: str) -> bool:
 
 async def list_domains(conn: Conn) -> list[Domain]:
     rows = await conn.fetch("SELECT name, created FROM domains ORDER BY name")
-    return [Domain(r[0], from_us(r[1])) for r in rows]
+    return [rules.decode_domain(r) for r in rows]
 
 
 async def add_domain(conn: Conn, name: str) -> Domain:
-    d = _domain(name)
+    d = rules.domain(name)
     created = now_us()
     try:
         async with conn.transaction():
@@ -108,56 +89,41 @@ async def add_domain(conn: Conn, name: str) -> Domain:
 
 
 async def del_domain(conn: Conn, name: str) -> None:
-    d = _domain(name)
+    d = rules.domain(name)
     # FOR UPDATE: an account added to the domain by another node meanwhile waits for us.
     if await conn.fetchval("SELECT 1 FROM domains WHERE name = $1 FOR UPDATE", d) is None:
         raise StorageError(StorageErrorKind.NOT_FOUND, f"domain {d} does not exist")
     accounts = await conn.fetchval("SELECT count(*) FROM accounts WHERE domain = $1", d)
     aliases = await conn.fetchval("SELECT count(*) FROM aliases WHERE domain = $1", d)
     if accounts or aliases:
-        raise StorageError(
-            StorageErrorKind.PERM,
-            f"domain {d} still has {accounts} account(s) and {aliases} alias(es); "
-            "delete those first (postkeep user del / postkeep alias del), "
-            "then delete the domain",
-        )
+        raise rules.domain_in_use(d, accounts, aliases)
     await conn.execute("DELETE FROM domains WHERE name = $1", d)
-
-
-_ACCOUNT_COLS = "id, address, password_hash, created"
-
-
-def _account(row: Any) -> Account:
-    return Account(row[0], row[1], row[2], from_us(row[3]))
 
 
 async def get_account(conn: Conn, address: str) -> Account | None:
     try:
-        a, _ = _address(address)
+        a, _ = rules.address(address)
     except ValueError:
         return None
-    row = await conn.fetchrow(f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE address = $1", a)
-    return None if row is None else _account(row)
+    row = await conn.fetchrow(f"SELECT {rules.ACCOUNT_COLS} FROM accounts WHERE address = $1", a)
+    return None if row is None else rules.decode_account(row)
 
 
 async def list_accounts(conn: Conn, domain: str | None = None) -> list[Account]:
     if domain is None:
-        rows = await conn.fetch(f"SELECT {_ACCOUNT_COLS} FROM accounts ORDER BY address")
+        rows = await conn.fetch(f"SELECT {rules.ACCOUNT_COLS} FROM accounts ORDER BY address")
     else:
         rows = await conn.fetch(
-            f"SELECT {_ACCOUNT_COLS} FROM accounts WHERE domain = $1 ORDER BY address",
-            _domain(domain),
+            f"SELECT {rules.ACCOUNT_COLS} FROM accounts WHERE domain = $1 ORDER BY address",
+            rules.domain(domain),
         )
-    return [_account(r) for r in rows]
+    return [rules.decode_account(r) for r in rows]
 
 
 async def add_account(conn: Conn, address: str, password_hash: str, log: list[Change]) -> Account:
-    a, d = _address(address)
+    a, d = rules.address(address)
     if not await domain_exists(conn, d):
-        raise StorageError(
-            StorageErrorKind.NOT_FOUND,
-            f"domain {d} is not a local domain; add it first (postkeep domain add {d})",
-        )
+        raise rules.unknown_domain(d)
     created = now_us()
     try:
         async with conn.transaction():
@@ -179,7 +145,7 @@ async def add_account(conn: Conn, address: str, password_hash: str, log: list[Ch
 
 
 async def set_password(conn: Conn, address: str, password_hash: str) -> None:
-    a, _ = _address(address)
+    a, _ = rules.address(address)
     done = await conn.fetchval(
         "UPDATE accounts SET password_hash = $1 WHERE address = $2 RETURNING id",
         password_hash, a,
@@ -191,7 +157,7 @@ async def set_password(conn: Conn, address: str, password_hash: str) -> None:
 
 
 async def _account_id(conn: Conn, address: str) -> int:
-    a, _ = _address(address)
+    a, _ = rules.address(address)
     # FOR SHARE: the account cannot be deleted by another node before we commit.
     account_id = await conn.fetchval(
         "SELECT id FROM accounts WHERE address = $1 FOR SHARE", a
@@ -203,13 +169,13 @@ async def _account_id(conn: Conn, address: str) -> int:
 
 async def exposures(conn: Conn, address: str | None = None) -> list[Exposure]:
     sql = (
-        "SELECT a.address, e.peer, e.service, e.first_at, e.last_at, e.notified_at"
+        f"SELECT {rules.EXPOSURE_COLS}"
         " FROM password_exposures e JOIN accounts a ON a.id = e.account_id"
     )
     args: list[str] = []
     if address is not None:
         try:
-            a, _ = _address(address)
+            a, _ = rules.address(address)
         except ValueError:
             return []
         sql += " WHERE a.address = $1"
@@ -217,11 +183,7 @@ async def exposures(conn: Conn, address: str | None = None) -> list[Exposure]:
     rows = await conn.fetch(
         sql + " ORDER BY e.last_at DESC, a.address, e.peer, e.service", *args
     )
-    return [
-        Exposure(r[0], r[1], r[2], from_us(r[3]), from_us(r[4]),
-                 None if r[5] is None else from_us(r[5]))
-        for r in rows
-    ]
+    return [rules.decode_exposure(r) for r in rows]
 
 
 async def record_exposure(
@@ -245,7 +207,7 @@ async def record_exposure(
         " WHERE account_id = $1 AND peer = $2 AND service = $3 FOR UPDATE",
         account_id, peer, service,
     )
-    due = notified is None or at - notified >= notify_every // timedelta(microseconds=1)
+    due = rules.exposure_due(notified, at, notify_every)
     await conn.execute(
         "UPDATE password_exposures SET last_at = greatest(last_at, $4),"
         " notified_at = CASE WHEN $5 THEN $4 ELSE notified_at END"
@@ -264,7 +226,7 @@ async def clear_exposures(conn: Conn, address: str) -> int:
 
 
 async def del_account(conn: Conn, address: str, log: list[Change]) -> None:
-    a, _ = _address(address)
+    a, _ = rules.address(address)
     account_id = await conn.fetchval(
         "SELECT id FROM accounts WHERE address = $1 FOR UPDATE", a
     )
@@ -289,7 +251,7 @@ async def del_account(conn: Conn, address: str, log: list[Change]) -> None:
 
 async def alias_targets(conn: Conn, source: str) -> list[str]:
     try:
-        s, _ = _alias_source(source)
+        s, _ = rules.alias_source(source)
     except ValueError:
         return []
     rows = await conn.fetch("SELECT target FROM aliases WHERE source = $1 ORDER BY target", s)
@@ -302,19 +264,16 @@ async def list_aliases(conn: Conn, source: str | None = None) -> list[Alias]:
     else:
         rows = await conn.fetch(
             "SELECT source, target FROM aliases WHERE source = $1 ORDER BY target",
-            _alias_source(source)[0],
+            rules.alias_source(source)[0],
         )
     return [Alias(r[0], r[1]) for r in rows]
 
 
 async def add_alias(conn: Conn, source: str, target: str) -> Alias:
-    s, d = _alias_source(source)
-    t, _ = _address(target)
+    s, d = rules.alias_source(source)
+    t, _ = rules.address(target)
     if not await domain_exists(conn, d):
-        raise StorageError(
-            StorageErrorKind.NOT_FOUND,
-            f"domain {d} is not a local domain; an alias source must be in one",
-        )
+        raise rules.unknown_alias_domain(d)
     try:
         async with conn.transaction():
             await conn.execute(
@@ -327,8 +286,8 @@ async def add_alias(conn: Conn, source: str, target: str) -> Alias:
 
 
 async def del_alias(conn: Conn, source: str, target: str) -> None:
-    s, _ = _alias_source(source)
-    t, _ = _address(target)
+    s, _ = rules.alias_source(source)
+    t, _ = rules.address(target)
     done = await conn.fetchval(
         "DELETE FROM aliases WHERE source = $1 AND target = $2 RETURNING 1", s, t
     )
@@ -338,39 +297,30 @@ async def del_alias(conn: Conn, source: str, target: str) -> None:
 
 # ---------------------------------------------------------------- DKIM keys
 
-_DKIM_COLS = "domain, selector, algorithm, private_pem, public_txt, created"
-
 
 async def dkim_keys(conn: Conn, domain: str) -> list[DkimKey]:
     try:
-        d = _domain(domain)
+        d = rules.domain(domain)
     except ValueError:
         return []
     rows = await conn.fetch(
-        f"SELECT {_DKIM_COLS} FROM dkim_keys WHERE domain = $1 ORDER BY created, selector", d
+        f"SELECT {rules.DKIM_COLS} FROM dkim_keys WHERE domain = $1 ORDER BY created, selector", d
     )
-    return [DkimKey(r[0], r[1], r[2], r[3], r[4], from_us(r[5])) for r in rows]
+    return [rules.decode_dkim_key(r) for r in rows]
 
 
 async def add_dkim_key(
     conn: Conn, domain: str, selector: str, algorithm: str, private_pem: str, public_txt: str
 ) -> DkimKey:
-    d = _domain(domain)
-    sel = selector.strip().lower()
-    if not sel or any(c.isspace() for c in sel):
-        raise ValueError(f"not a DKIM selector: {selector!r}")
-    if algorithm not in DKIM_ALGORITHMS:
-        raise ValueError(f"not a DKIM key algorithm: {algorithm!r}")
+    d = rules.domain(domain)
+    sel = rules.dkim_selector(selector, algorithm)
     if not await domain_exists(conn, d):
-        raise StorageError(
-            StorageErrorKind.NOT_FOUND,
-            f"domain {d} is not a local domain; add it first (postkeep domain add {d})",
-        )
+        raise rules.unknown_domain(d)
     created = now_us()
     try:
         async with conn.transaction():
             await conn.execute(
-                f"INSERT INTO dkim_keys ({_DKIM_COLS}) VALUES ($1, $2, $3, $4, $5, $6)",
+                f"INSERT INTO dkim_keys ({rules.DKIM_COLS}) VALUES ($1, $2, $3, $4, $5, $6)",
                 d, sel, algorithm, private_pem, public_txt, created,
             )
     except asyncpg.UniqueViolationError as e:
@@ -382,46 +332,42 @@ async def add_dkim_key(
 
 # ---------------------------------------------------------------- mailboxes and messages
 
-_MAILBOX_COLS = "id, account_id, name, uidvalidity, uidnext, highestmodseq, special_use, subscribed"
-
-
-def _mailbox(r: Any) -> Mailbox:
-    return Mailbox(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bool(r[7]))
-
 
 async def mailboxes(conn: Conn, account_id: AccountId) -> list[Mailbox]:
     rows = await conn.fetch(
-        f"SELECT {_MAILBOX_COLS} FROM mailboxes WHERE account_id = $1 ORDER BY id", account_id
+        f"SELECT {rules.MAILBOX_COLS} FROM mailboxes WHERE account_id = $1 ORDER BY id", account_id
     )
-    return [_mailbox(r) for r in rows]
+    return [rules.decode_mailbox(r) for r in rows]
 
 
 async def mailbox(conn: Conn, account_id: AccountId, name: str) -> Mailbox | None:
     try:
-        n = _mailbox_name(name)
+        n = rules.mailbox_name(name)
     except ValueError:
         return None
     row = await conn.fetchrow(
-        f"SELECT {_MAILBOX_COLS} FROM mailboxes WHERE account_id = $1 AND name = $2",
+        f"SELECT {rules.MAILBOX_COLS} FROM mailboxes WHERE account_id = $1 AND name = $2",
         account_id, n,
     )
-    return None if row is None else _mailbox(row)
+    return None if row is None else rules.decode_mailbox(row)
 
 
 async def mailbox_by_id(conn: Conn, mailbox_id: MailboxId) -> Mailbox | None:
-    row = await conn.fetchrow(f"SELECT {_MAILBOX_COLS} FROM mailboxes WHERE id = $1", mailbox_id)
-    return None if row is None else _mailbox(row)
+    row = await conn.fetchrow(
+        f"SELECT {rules.MAILBOX_COLS} FROM mailboxes WHERE id = $1", mailbox_id
+    )
+    return None if row is None else rules.decode_mailbox(row)
 
 
 async def _lock_mailbox(conn: Conn, mailbox_id: MailboxId) -> Mailbox:
     """The mailbox, its row locked until the transaction ends (UID and modseq allocation
     are read-modify-writes of this row: other nodes wait here, then see our values)."""
     row = await conn.fetchrow(
-        f"SELECT {_MAILBOX_COLS} FROM mailboxes WHERE id = $1 FOR UPDATE", mailbox_id
+        f"SELECT {rules.MAILBOX_COLS} FROM mailboxes WHERE id = $1 FOR UPDATE", mailbox_id
     )
     if row is None:
         raise StorageError(StorageErrorKind.NOT_FOUND, f"mailbox id {mailbox_id} does not exist")
-    return _mailbox(row)
+    return rules.decode_mailbox(row)
 
 
 async def _next_uidvalidity(conn: Conn) -> int:
@@ -432,15 +378,13 @@ async def _next_uidvalidity(conn: Conn) -> int:
         " RETURNING value",
         int(time.time()),
     )
-    if value > _MAX_UID:
-        raise StorageError(StorageErrorKind.LIMIT, "UIDVALIDITY values are exhausted")
-    return int(value)
+    return rules.check_uidvalidity(int(value))
 
 
 async def _insert_mailbox(
     conn: Conn, account_id: AccountId, name: str, special_use: str | None, *, subscribed: bool
 ) -> Mailbox:
-    n = _mailbox_name(name)
+    n = rules.mailbox_name(name)
     uidvalidity = await _next_uidvalidity(conn)
     try:
         async with conn.transaction():
@@ -467,29 +411,9 @@ async def create_mailbox(
     return box
 
 
-_MESSAGE_COLS = (
-    "m.mailbox_id, m.uid, m.modseq, m.flags, m.internal_date, m.internal_tz, m.size,"
-    " m.blob_id, m.envelope, m.bodystructure"
-)
-
-
-def _message(r: Any) -> MessageRow:
-    return MessageRow(
-        mailbox_id=r[0],
-        uid=r[1],
-        modseq=r[2],
-        flags=frozenset(r[3].split()),
-        internal_date=from_us(r[4], r[5]),
-        size=r[6],
-        blob=BlobRef(r[7], r[6]),
-        envelope=r[8],
-        bodystructure=r[9],
-    )
-
-
 def _uid_list(uids: Sequence[Uid]) -> list[int]:
     # Out-of-range values cannot exist as UIDs; leaving them out keeps bigint[] happy.
-    return sorted({u for u in uids if 0 < u <= _MAX_UID})
+    return sorted({u for u in uids if 0 < u <= rules.MAX_UID})
 
 
 async def messages(
@@ -497,12 +421,12 @@ async def messages(
 ) -> list[MessageRow]:
     if uids is None:
         rows = await conn.fetch(
-            f"SELECT {_MESSAGE_COLS} FROM messages m WHERE m.mailbox_id = $1 ORDER BY m.uid",
+            f"SELECT {rules.MESSAGE_COLS} FROM messages m WHERE m.mailbox_id = $1 ORDER BY m.uid",
             mailbox_id,
         )
     else:
-        rows = await _by_uid(conn, _MESSAGE_COLS, mailbox_id, uids)
-    return [_message(r) for r in rows]
+        rows = await _by_uid(conn, rules.MESSAGE_COLS, mailbox_id, uids)
+    return [rules.decode_message(r) for r in rows]
 
 
 async def _by_uid(
@@ -527,11 +451,11 @@ async def uids(conn: Conn, mailbox_id: MailboxId) -> list[Uid]:
 async def messages_since(conn: Conn, mailbox_id: MailboxId, modseq: int) -> list[MessageRow]:
     # RFC 7162 §3.1.4.1 CHANGEDSINCE: the messages_modseq index finds the rows.
     rows = await conn.fetch(
-        f"SELECT {_MESSAGE_COLS} FROM messages m WHERE m.mailbox_id = $1 AND m.modseq > $2"
+        f"SELECT {rules.MESSAGE_COLS} FROM messages m WHERE m.mailbox_id = $1 AND m.modseq > $2"
         " ORDER BY m.uid",
         mailbox_id, modseq,
     )
-    return [_message(r) for r in rows]
+    return [rules.decode_message(r) for r in rows]
 
 
 async def _blob_size(conn: Conn, blob_id: int) -> int:
@@ -551,20 +475,14 @@ async def append(
     bodystructure: str | None,
     log: list[Change],
 ) -> Uid:
-    flag_text = _flags_text(_flags(flags))
-    if when is None:
-        internal, tz_minutes = now_us(), 0
-    else:
-        internal = to_us(when)
-        offset = when.utcoffset()
-        assert offset is not None
-        tz_minutes = int(offset.total_seconds() // 60)
+    flag_text = rules.flags_text(rules.flags(flags))
+    internal, tz_minutes = rules.internal_date(when)
     # The UPDATE takes the mailbox row lock: a second node appending to this mailbox waits
     # until we commit, then increments our uidnext (READ COMMITTED re-reads the row).
     row = await conn.fetchrow(
         "UPDATE mailboxes SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1"
         " WHERE id = $1 AND uidnext <= $2 RETURNING uidnext - 1, highestmodseq",
-        mailbox_id, _MAX_UID,
+        mailbox_id, rules.MAX_UID,
     )
     if row is None:
         if await conn.fetchval("SELECT 1 FROM mailboxes WHERE id = $1", mailbox_id) is None:
@@ -575,8 +493,7 @@ async def append(
     uid, modseq = int(row[0]), int(row[1])
     # Checked after the mailbox, as SQLite does; a raise rolls the UPDATE back (savepoint).
     size = await _blob_size(conn, blob.id)
-    if size != blob.size:
-        raise ValueError(f"blob {blob.id} has {size} bytes, the reference says {blob.size}")
+    rules.check_blob_ref(blob, size)
     await conn.execute(
         "INSERT INTO messages (mailbox_id, uid, modseq, flags, internal_date, internal_tz,"
         " size, blob_id, envelope, bodystructure) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
@@ -607,27 +524,11 @@ async def set_flags(
     unchanged_since: int | None,
     log: list[Change],
 ) -> tuple[list[FlagChange], list[Uid]]:
-    given = _flags(flags)
-    if unchanged_since is not None and unchanged_since < 0:
-        raise ValueError(f"negative UNCHANGEDSINCE {unchanged_since}")
+    given = rules.flags(flags)
+    rules.check_unchanged_since(unchanged_since)
     await _lock_mailbox(conn, mailbox_id)  # no other node changes these messages meanwhile
-    refused: list[Uid] = []
-    changed: list[tuple[Uid, frozenset[str]]] = []
-    for uid, modseq, text in await _by_uid(conn, "m.uid, m.modseq, m.flags", mailbox_id, uids):
-        # RFC 7162 §3.1.3: test first, whether or not the STORE would change anything.
-        if unchanged_since is not None and modseq > unchanged_since:
-            refused.append(uid)
-            continue
-        old = frozenset(text.split())
-        match op:
-            case FlagOp.SET:
-                new = given
-            case FlagOp.ADD:
-                new = old | given
-            case FlagOp.REMOVE:
-                new = old - given
-        if new != old:
-            changed.append((uid, new))
+    rows = await _by_uid(conn, "m.uid, m.modseq, m.flags", mailbox_id, uids)
+    changed, refused = rules.flag_updates(rows, op, given, unchanged_since)
     if not changed:
         return [], refused
     modseq = await _new_modseq(conn, mailbox_id)
@@ -635,7 +536,7 @@ async def set_flags(
         "UPDATE messages m SET flags = c.flags, modseq = $2"
         " FROM unnest($3::bigint[], $4::text[]) AS c(uid, flags)"
         " WHERE m.mailbox_id = $1 AND m.uid = c.uid",
-        mailbox_id, modseq, [u for u, _ in changed], [_flags_text(n) for _, n in changed],
+        mailbox_id, modseq, [u for u, _ in changed], [rules.flags_text(n) for _, n in changed],
     )
     log.append(Change(mailbox_id, ChangeKind.FLAGS, tuple(u for u, _ in changed), modseq))
     return [FlagChange(uid, modseq, new) for uid, new in changed], refused
@@ -682,12 +583,8 @@ async def copy(
     found = [r[0] for r in await _by_uid(conn, "m.uid", src, uids)]
     if not found:
         return []
+    rules.check_uid_room(target, len(found))
     first = target.uidnext
-    if first + len(found) - 1 > _MAX_UID:
-        raise StorageError(
-            StorageErrorKind.LIMIT,
-            f"mailbox {target.name!r} has no room for {len(found)} more UIDs",
-        )
     modseq = target.highestmodseq + 1
     # RFC 4315 §4.3 (COPYUID): new UIDs in the order of the source UIDs; the rows are
     # copied inside the database and the blob is shared, not copied.
@@ -722,20 +619,14 @@ async def rename_mailbox(
     conn: Conn, mailbox_id: MailboxId, new_name: str, log: list[Change]
 ) -> None:
     box = await _lock_mailbox(conn, mailbox_id)
-    target = _mailbox_name(new_name)
-    if target == "INBOX":
-        raise StorageError(StorageErrorKind.EXISTS, "INBOX always exists")
+    target = rules.rename_target(new_name)
     if box.name == "INBOX":
         # RFC 3501 §6.3.5: INBOX's messages move to a new mailbox; INBOX stays, empty.
         made = await _insert_mailbox(conn, box.account_id, target, None, subscribed=False)
         log.append(Change(made.id, ChangeKind.MAILBOX, (), made.highestmodseq))
         await move(conn, box.id, await uids(conn, box.id), made.id, log)
         return
-    if target == box.name:
-        raise StorageError(StorageErrorKind.EXISTS, f"mailbox {target!r} already exists")
-    prefix = box.name + DELIMITER
-    if target.startswith(prefix):
-        raise StorageError(StorageErrorKind.PERM, f"cannot move mailbox {box.name!r} inside itself")
+    prefix = rules.check_rename(box, target)
     # The mailbox and its inferiors; starts_with() is exact (no LIKE wildcards).
     inferiors = await conn.fetch(
         "SELECT id, name, highestmodseq FROM mailboxes"
@@ -744,7 +635,7 @@ async def rename_mailbox(
     )
     family = [(box.id, box.name, box.highestmodseq), *[tuple(r) for r in inferiors]]
     ids = {mid for mid, _, _ in family}
-    renames = [(mid, target + name[len(box.name) :]) for mid, name, _ in family]
+    renames = rules.renames(box.name, target, [(mid, name) for mid, name, _ in family])
     for _, name in renames:
         other = await conn.fetchval(
             "SELECT id FROM mailboxes WHERE account_id = $1 AND name = $2",
@@ -768,9 +659,7 @@ async def rename_mailbox(
 
 async def delete_mailbox(conn: Conn, mailbox_id: MailboxId, log: list[Change]) -> None:
     box = await _lock_mailbox(conn, mailbox_id)
-    if box.name == "INBOX":
-        # RFC 3501 §6.3.4: it is an error to attempt to delete INBOX.
-        raise StorageError(StorageErrorKind.PERM, "INBOX cannot be deleted")
+    rules.check_deletable(box)
     rows = await conn.fetch(
         "DELETE FROM messages WHERE mailbox_id = $1 RETURNING blob_id", mailbox_id
     )
@@ -799,10 +688,7 @@ async def maildrop_holder(conn: Conn, account_id: AccountId) -> str | None:
 
 
 async def acquire_maildrop(conn: Conn, account_id: AccountId, holder: str, ttl: float) -> bool:
-    if not holder:
-        raise ValueError("a maildrop lock needs a holder name")
-    if not (math.isfinite(ttl) and 0 < ttl <= _MAX_LOCK_TTL):
-        raise ValueError(f"maildrop lock TTL must be in (0, {_MAX_LOCK_TTL}] seconds: {ttl}")
+    rules.check_maildrop_lock(holder, ttl)
     # One statement: insert, or take over when ours or expired (by the database clock).
     # ON CONFLICT locks the existing row, so two nodes cannot both win.
     try:
@@ -815,7 +701,7 @@ async def acquire_maildrop(conn: Conn, account_id: AccountId, holder: str, ttl: 
                 f" WHERE maildrop_locks.holder = EXCLUDED.holder"
                 f"  OR maildrop_locks.expires <= {_NOW}"
                 " RETURNING 1",
-                account_id, holder, round(ttl * 1_000_000),
+                account_id, holder, rules.seconds_us(ttl),
             )
     except asyncpg.ForeignKeyViolationError as e:
         raise StorageError(
@@ -836,28 +722,11 @@ async def release_maildrop(conn: Conn, account_id: AccountId, holder: str) -> No
 async def put_blob(conn: Conn, data: bytes | BinaryIO, size: int | None) -> BlobRef:
     """One ``bytea`` per blob. A file is read in ``BLOB_CHUNK`` pieces but sent as one
     parameter: the bytes are in memory once, bounded by the message size limit."""
+    total = rules.blob_size(data, size)
     if isinstance(data, bytes | bytearray | memoryview):
         payload = bytes(data)
-        if size is not None and size != len(payload):
-            raise ValueError(f"size {size} given for {len(payload)} bytes")
     else:
-        if size is None:
-            here = data.tell()
-            total = data.seek(0, 2) - here
-            data.seek(here)
-        else:
-            total = size
-        if total < 0:
-            raise ValueError(f"negative blob size {total}")
-        buf = bytearray()
-        while len(buf) < total:
-            chunk = data.read(min(BLOB_CHUNK, total - len(buf)))
-            if not chunk:
-                raise ValueError(
-                    f"the file ended {total - len(buf)} bytes before the {total} bytes expected"
-                )
-            buf += chunk
-        payload = bytes(buf)
+        payload = b"".join(rules.file_chunks(data, total))
     blob_id = await conn.fetchval(
         "INSERT INTO blobs (size, created, data) VALUES ($1, $2, $3) RETURNING id",
         len(payload), now_us(), payload,
@@ -866,10 +735,8 @@ async def put_blob(conn: Conn, data: bytes | BinaryIO, size: int | None) -> Blob
 
 
 async def read_blob(conn: Conn, ref: BlobRef, offset: int = 0, length: int | None = None) -> bytes:
-    if offset < 0 or (length is not None and length < 0):
-        raise ValueError(f"bad range: offset {offset}, length {length}")
-    size = await _blob_size(conn, ref.id)
-    end = size if length is None else min(size, offset + length)
+    rules.check_range(offset, length)
+    end = rules.range_end(await _blob_size(conn, ref.id), offset, length)
     if offset >= end:
         return b""
     data = await conn.fetchval(
@@ -883,11 +750,7 @@ async def read_blob(conn: Conn, ref: BlobRef, offset: int = 0, length: int | Non
 
 
 async def enqueue(conn: Conn, sender: str, recipients: Sequence[str], blob: BlobRef) -> QueueId:
-    if isinstance(recipients, str):
-        raise ValueError("recipients must be a sequence of addresses, not one string")
-    rcpts = list(recipients)
-    if not rcpts:
-        raise ValueError("a queue entry needs at least one recipient")
+    rcpts = rules.queue_recipients(recipients)
     await _blob_size(conn, blob.id)
     now = now_us()
     queue_id = await conn.fetchval(
@@ -905,43 +768,30 @@ async def enqueue(conn: Conn, sender: str, recipients: Sequence[str], blob: Blob
 
 async def outbound(conn: Conn, limit: int = 100) -> list[OutboundRow]:
     rows = await conn.fetch(
-        "SELECT o.id, o.sender, o.recipients, o.blob_id, b.size, o.created, o.next_attempt,"
-        " o.attempts, o.last_error FROM outbound o JOIN blobs b ON b.id = o.blob_id"
+        f"SELECT {rules.OUTBOUND_COLS} FROM outbound o JOIN blobs b ON b.id = o.blob_id"
         " ORDER BY o.next_attempt, o.id LIMIT $1",
         max(limit, 0),
     )
-    return [
-        OutboundRow(
-            id=r[0],
-            sender=r[1],
-            recipients=tuple(json.loads(r[2])),
-            blob=BlobRef(r[3], r[4]),
-            created=from_us(r[5]),
-            next_attempt=from_us(r[6]),
-            attempts=r[7],
-            last_error=r[8],
-        )
-        for r in rows
-    ]
+    return [rules.decode_outbound(r) for r in rows]
 
 
 async def _entries(conn: Conn, ids: Sequence[QueueId], now: int) -> list[QueueEntry]:
     heads = {
         r[0]: r
         for r in await conn.fetch(
-            f"SELECT {_ENTRY_COLUMNS} FROM outbound o JOIN blobs b ON b.id = o.blob_id"
+            f"SELECT {rules.ENTRY_COLS} FROM outbound o JOIN blobs b ON b.id = o.blob_id"
             " WHERE o.id = ANY($1::bigint[])",
             list(ids),
         )
     }
     rcpts: dict[int, list[QueueRecipient]] = {}
     for r in await conn.fetch(
-        f"SELECT {_RCPT_COLUMNS}"
+        f"SELECT {rules.RCPT_COLS}"
         " FROM outbound_rcpts WHERE queue_id = ANY($1::bigint[]) ORDER BY queue_id, position",
         list(ids),
     ):
-        rcpts.setdefault(r[0], []).append(_queue_recipient(r))
-    return _assemble_entries(ids, heads, rcpts, now)
+        rcpts.setdefault(r[0], []).append(rules.decode_recipient(r))
+    return rules.assemble_entries(ids, heads, rcpts, now)
 
 
 async def queue_entries(conn: Conn, limit: int = 100) -> list[QueueEntry]:
@@ -957,10 +807,7 @@ async def queue_entries(conn: Conn, limit: int = 100) -> list[QueueEntry]:
 async def claim_due(
     conn: Conn, now: datetime, limit: int, holder: str, lease_seconds: float
 ) -> list[QueueEntry]:
-    if not holder:
-        raise ValueError("a queue lease needs a holder name")
-    if not (math.isfinite(lease_seconds) and lease_seconds > 0):
-        raise ValueError(f"lease must be a positive number of seconds: {lease_seconds}")
+    rules.check_lease(holder, lease_seconds)
     at = to_us(now)
     # FOR UPDATE SKIP LOCKED: an entry another node is claiming right now is skipped, not
     # waited for, and never handed to both.
@@ -977,7 +824,7 @@ async def claim_due(
     ]
     if not ids:
         return []
-    until = at + round(lease_seconds * 1_000_000)
+    until = at + rules.seconds_us(lease_seconds)
     await conn.execute(
         "UPDATE outbound SET lease_holder = $1, lease_until = $2 WHERE id = ANY($3::bigint[])",
         holder, until, ids,
@@ -1027,8 +874,7 @@ async def record_attempt(
 
 
 async def release_leases(conn: Conn, holder_prefix: str) -> int:
-    if not holder_prefix:
-        raise ValueError("release_leases needs a holder prefix (not every lease)")
+    rules.check_holder_prefix(holder_prefix)
     rows = await conn.fetch(
         "UPDATE outbound SET lease_holder = NULL, lease_until = NULL"
         " WHERE lease_holder IS NOT NULL AND starts_with(lease_holder, $1) RETURNING id",

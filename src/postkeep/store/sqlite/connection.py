@@ -21,19 +21,19 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 from postkeep.store.api import StorageError, StorageErrorKind
+
+# The stored-time helpers live in ``store/rules.py``; these names stay importable here.
+from postkeep.store.rules import from_us as from_us
+from postkeep.store.rules import now_us as now_us
+from postkeep.store.rules import to_us as to_us
 
 #: Default wait for another connection's lock before SQLITE_BUSY (seconds).
 DEFAULT_BUSY_TIMEOUT = 5.0
 #: Size the WAL file is truncated back to after a checkpoint (bytes).
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
-
 
 def connect(path: Path, *, reader: bool, busy_timeout: float) -> sqlite3.Connection:
     """Open ``path`` with postkeep's settings. Call it in the thread that will use it."""
@@ -126,22 +126,3 @@ def convert(e: sqlite3.Error, doing: str = "") -> StorageError:
     # CANTOPEN, READONLY, CORRUPT… — is TEMP: for mail that is the safe answer (4xx, the
     # sender retries, nothing is bounced), including for damage an operator must repair.
     return StorageError(StorageErrorKind.TEMP, detail)
-
-
-def to_us(when: datetime) -> int:
-    """A tz-aware datetime as integer microseconds since the epoch (exact)."""
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise ValueError(f"naive datetime {when!r}: the store needs a time zone")
-    return (when - _EPOCH) // _US
-
-
-def from_us(us: int, tz_minutes: int = 0) -> datetime:
-    """The inverse of ``to_us``, in UTC or in the given offset."""
-    utc = _EPOCH + timedelta(microseconds=us)
-    if tz_minutes == 0:
-        return utc
-    return utc.astimezone(timezone(timedelta(minutes=tz_minutes)))
-
-
-def now_us() -> int:
-    return to_us(datetime.now(UTC))

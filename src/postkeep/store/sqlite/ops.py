@@ -5,13 +5,14 @@ or a reader's thread), never on the event loop. ``tx.py`` wraps them as the asyn
 ``ReadTx``/``WriteTx`` methods; the thread wrappers there own transactions, savepoints and
 error conversion, so the functions here only raise ``StorageError`` for the cases they
 explain better than SQLite would, and ``ValueError`` for malformed arguments to a write
-(a lookup of a malformed name simply finds nothing).
+(a lookup of a malformed name simply finds nothing). The argument checks, normalisation
+and row decoding are ``store/rules.py``, shared with the PostgreSQL backend.
 
 Invariants:
 - Functions never BEGIN, COMMIT, ROLLBACK or SAVEPOINT: they run inside a transaction
   someone else owns (a write batch or a read snapshot).
-- Addresses and domains are lower-cased here, on the way in, for writes and lookups alike.
-  Outbound senders and recipients are *not*: a remote local part is case-sensitive
+- Addresses and domains are lower-cased on the way in (``rules``), for writes and lookups
+  alike. Outbound senders and recipients are *not*: a remote local part is case-sensitive
   (RFC 5321 §2.4).
 - ``append`` takes the UID from ``uidnext`` and the modseq from ``highestmodseq + 1`` and
   bumps both in the same transaction; with one writer there is no read-modify-write race.
@@ -33,17 +34,15 @@ Invariants:
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, BinaryIO
 
+from postkeep.store import rules
 from postkeep.store.api import (
     DEFAULT_MAILBOXES,
-    DKIM_ALGORITHMS,
-    SYSTEM_FLAGS,
     Account,
     AccountId,
     Alias,
@@ -67,80 +66,10 @@ from postkeep.store.api import (
     StorageErrorKind,
     Uid,
 )
-from postkeep.store.sqlite.connection import from_us, now_us, to_us
+from postkeep.store.rules import BLOB_CHUNK, from_us, now_us, to_us
 
-#: Bytes copied per step when writing a blob from a file object or bytes.
-BLOB_CHUNK = 1 << 20
-
-# RFC 3501 §2.3.1.1: UIDs and UIDVALIDITY are non-zero unsigned 32-bit numbers.
-_MAX_UID = 0xFFFFFFFF
 # Bound parameters per IN (...) list; SQLite before 3.32 allows 999 in total.
 _IN_CHUNK = 500
-# RFC 3501 §5.1.1: the hierarchy delimiter postkeep uses.
-DELIMITER = "/"
-# Longest maildrop lock accepted (seconds): a POP3 session refreshes its lock; a TTL past
-# this is a caller's bug and would keep a dead session's lock for ever.
-_MAX_LOCK_TTL = 7 * 24 * 3600.0
-
-_SYSTEM_BY_LOWER = {f.lower(): f for f in SYSTEM_FLAGS}
-
-
-def _domain(name: str) -> str:
-    d = name.strip().lower()
-    if not d or "@" in d or any(c.isspace() for c in d):
-        raise ValueError(f"not a domain name: {name!r}")
-    return d
-
-
-def _address(address: str) -> tuple[str, str]:
-    """(lower-cased address, its domain)."""
-    a = address.strip().lower()
-    local, at, dom = a.rpartition("@")
-    if not at or not local or any(c.isspace() for c in a):
-        raise ValueError(f"not an address: {address!r}")
-    return a, _domain(dom)
-
-
-def _alias_source(source: str) -> tuple[str, str]:
-    """(lower-cased source, its domain); ``@domain`` is the catch-all."""
-    s = source.strip().lower()
-    if s.startswith("@"):
-        d = _domain(s[1:])
-        return "@" + d, d
-    return _address(s)
-
-
-def _mailbox_name(name: str) -> str:
-    # RFC 3501 §5.1: the name INBOX is case-insensitive; store one spelling.
-    if name.upper() == "INBOX":
-        return "INBOX"
-    if not name:
-        raise ValueError("empty mailbox name")
-    return name
-
-
-def _flags(flags: Iterable[str]) -> frozenset[str]:
-    """Flags as stored: system flags in canonical case, ``\\Recent`` dropped.
-
-    RFC 3501 §2.3.2: ``\\Recent`` is per session, computed by sessions, never stored.
-    Keywords keep their case and are compared exactly (api.SYSTEM_FLAGS).
-    """
-    if isinstance(flags, str):
-        raise ValueError("flags must be a set of flags, not one string")
-    out: set[str] = set()
-    for f in flags:
-        if not f or any(c.isspace() for c in f):
-            raise ValueError(f"not a flag: {f!r}")
-        low = f.lower()
-        if low == "\\recent":
-            continue
-        out.add(_SYSTEM_BY_LOWER.get(low, f))
-    return frozenset(out)
-
-
-def _flags_text(flags: frozenset[str]) -> str:
-    """The stored form of already-normalised flags: sorted, space-separated."""
-    return " ".join(sorted(flags))
 
 
 def _chunks(values: Sequence[int]) -> Iterator[Sequence[int]]:
@@ -157,7 +86,7 @@ def _marks(n: int) -> str:
 
 def domain_exists(conn: sqlite3.Connection, name: str) -> bool:
     try:
-        d = _domain(name)
+        d = rules.domain(name)
     except ValueError:
         return False  # lookups of malformed names find nothing; only writes refuse them
     row = conn.execute("SELECT 1 FROM domains WHERE name = ?", (d,)).fetchone()
@@ -166,11 +95,11 @@ def domain_exists(conn: sqlite3.Connection, name: str) -> bool:
 
 def list_domains(conn: sqlite3.Connection) -> list[Domain]:
     rows = conn.execute("SELECT name, created FROM domains ORDER BY name").fetchall()
-    return [Domain(name, from_us(created)) for name, created in rows]
+    return [rules.decode_domain(r) for r in rows]
 
 
 def add_domain(conn: sqlite3.Connection, name: str) -> Domain:
-    d = _domain(name)
+    d = rules.domain(name)
     created = now_us()
     try:
         conn.execute("INSERT INTO domains (name, created) VALUES (?, ?)", (d, created))
@@ -182,61 +111,44 @@ def add_domain(conn: sqlite3.Connection, name: str) -> Domain:
 
 
 def del_domain(conn: sqlite3.Connection, name: str) -> None:
-    d = _domain(name)
+    d = rules.domain(name)
     if not domain_exists(conn, d):
         raise StorageError(StorageErrorKind.NOT_FOUND, f"domain {d} does not exist")
     accounts = conn.execute("SELECT count(*) FROM accounts WHERE domain = ?", (d,)).fetchone()[0]
     aliases = conn.execute("SELECT count(*) FROM aliases WHERE domain = ?", (d,)).fetchone()[0]
     if accounts or aliases:
-        # Refuse rather than cascade: deleting a domain must never silently delete
-        # mailboxes full of mail or routing rules.
-        raise StorageError(
-            StorageErrorKind.PERM,
-            f"domain {d} still has {accounts} account(s) and {aliases} alias(es); "
-            "delete those first (postkeep user del / postkeep alias del), "
-            "then delete the domain",
-        )
+        raise rules.domain_in_use(d, accounts, aliases)
     conn.execute("DELETE FROM domains WHERE name = ?", (d,))
-
-
-def _account(row: tuple[int, str, str, int]) -> Account:
-    return Account(row[0], row[1], row[2], from_us(row[3]))
 
 
 def get_account(conn: sqlite3.Connection, address: str) -> Account | None:
     try:
-        a, _ = _address(address)
+        a, _ = rules.address(address)
     except ValueError:
         return None  # e.g. a bare "postmaster" the caller has not qualified
     row = conn.execute(
-        "SELECT id, address, password_hash, created FROM accounts WHERE address = ?", (a,)
+        f"SELECT {rules.ACCOUNT_COLS} FROM accounts WHERE address = ?", (a,)
     ).fetchone()
-    return None if row is None else _account(row)
+    return None if row is None else rules.decode_account(row)
 
 
 def list_accounts(conn: sqlite3.Connection, domain: str | None = None) -> list[Account]:
     if domain is None:
-        cur = conn.execute(
-            "SELECT id, address, password_hash, created FROM accounts ORDER BY address"
-        )
+        cur = conn.execute(f"SELECT {rules.ACCOUNT_COLS} FROM accounts ORDER BY address")
     else:
         cur = conn.execute(
-            "SELECT id, address, password_hash, created FROM accounts WHERE domain = ?"
-            " ORDER BY address",
-            (_domain(domain),),
+            f"SELECT {rules.ACCOUNT_COLS} FROM accounts WHERE domain = ? ORDER BY address",
+            (rules.domain(domain),),
         )
-    return [_account(r) for r in cur.fetchall()]
+    return [rules.decode_account(r) for r in cur.fetchall()]
 
 
 def add_account(
     conn: sqlite3.Connection, address: str, password_hash: str, log: list[Change]
 ) -> Account:
-    a, d = _address(address)
+    a, d = rules.address(address)
     if not domain_exists(conn, d):
-        raise StorageError(
-            StorageErrorKind.NOT_FOUND,
-            f"domain {d} is not a local domain; add it first (postkeep domain add {d})",
-        )
+        raise rules.unknown_domain(d)
     created = now_us()
     try:
         cur = conn.execute(
@@ -261,7 +173,7 @@ def add_account(
 
 
 def set_password(conn: sqlite3.Connection, address: str, password_hash: str) -> None:
-    a, _ = _address(address)
+    a, _ = rules.address(address)
     cur = conn.execute(
         "UPDATE accounts SET password_hash = ? WHERE address = ?", (password_hash, a)
     )
@@ -276,7 +188,7 @@ def set_password(conn: sqlite3.Connection, address: str, password_hash: str) -> 
 
 
 def _account_id(conn: sqlite3.Connection, address: str) -> int:
-    a, _ = _address(address)
+    a, _ = rules.address(address)
     row = conn.execute("SELECT id FROM accounts WHERE address = ?", (a,)).fetchone()
     if row is None:
         raise StorageError(StorageErrorKind.NOT_FOUND, f"account {a} does not exist")
@@ -285,23 +197,19 @@ def _account_id(conn: sqlite3.Connection, address: str) -> int:
 
 def exposures(conn: sqlite3.Connection, address: str | None = None) -> list[Exposure]:
     sql = (
-        "SELECT a.address, e.peer, e.service, e.first_at, e.last_at, e.notified_at"
+        f"SELECT {rules.EXPOSURE_COLS}"
         " FROM password_exposures e JOIN accounts a ON a.id = e.account_id"
     )
     args: tuple[str, ...] = ()
     if address is not None:
         try:
-            a, _ = _address(address)
+            a, _ = rules.address(address)
         except ValueError:
             return []
         sql += " WHERE a.address = ?"
         args = (a,)
     rows = conn.execute(sql + " ORDER BY e.last_at DESC, a.address, e.peer, e.service", args)
-    return [
-        Exposure(r[0], r[1], r[2], from_us(r[3]), from_us(r[4]),
-                 None if r[5] is None else from_us(r[5]))
-        for r in rows.fetchall()
-    ]
+    return [rules.decode_exposure(r) for r in rows.fetchall()]
 
 
 def record_exposure(
@@ -319,8 +227,7 @@ def record_exposure(
         " WHERE account_id = ? AND peer = ? AND service = ?",
         (account_id, peer, service),
     ).fetchone()
-    every_us = notify_every // timedelta(microseconds=1)
-    due = row is None or row[0] is None or at - row[0] >= every_us
+    due = rules.exposure_due(None if row is None else row[0], at, notify_every)
     if row is None:
         conn.execute(
             "INSERT INTO password_exposures"
@@ -345,7 +252,7 @@ def clear_exposures(conn: sqlite3.Connection, address: str) -> int:
 
 
 def del_account(conn: sqlite3.Connection, address: str, log: list[Change]) -> None:
-    a, _ = _address(address)
+    a, _ = rules.address(address)
     row = conn.execute("SELECT id FROM accounts WHERE address = ?", (a,)).fetchone()
     if row is None:
         raise StorageError(StorageErrorKind.NOT_FOUND, f"account {a} does not exist")
@@ -370,7 +277,7 @@ def del_account(conn: sqlite3.Connection, address: str, log: list[Change]) -> No
 
 def alias_targets(conn: sqlite3.Connection, source: str) -> list[str]:
     try:
-        s, _ = _alias_source(source)
+        s, _ = rules.alias_source(source)
     except ValueError:
         return []
     rows = conn.execute(
@@ -385,19 +292,16 @@ def list_aliases(conn: sqlite3.Connection, source: str | None = None) -> list[Al
     else:
         cur = conn.execute(
             "SELECT source, target FROM aliases WHERE source = ? ORDER BY target",
-            (_alias_source(source)[0],),
+            (rules.alias_source(source)[0],),
         )
     return [Alias(s, t) for s, t in cur.fetchall()]
 
 
 def add_alias(conn: sqlite3.Connection, source: str, target: str) -> Alias:
-    s, d = _alias_source(source)
-    t, _ = _address(target)
+    s, d = rules.alias_source(source)
+    t, _ = rules.address(target)
     if not domain_exists(conn, d):
-        raise StorageError(
-            StorageErrorKind.NOT_FOUND,
-            f"domain {d} is not a local domain; an alias source must be in one",
-        )
+        raise rules.unknown_alias_domain(d)
     try:
         conn.execute(
             "INSERT INTO aliases (source, target, domain, created) VALUES (?, ?, ?, ?)",
@@ -411,8 +315,8 @@ def add_alias(conn: sqlite3.Connection, source: str, target: str) -> Alias:
 
 
 def del_alias(conn: sqlite3.Connection, source: str, target: str) -> None:
-    s, _ = _alias_source(source)
-    t, _ = _address(target)
+    s, _ = rules.alias_source(source)
+    t, _ = rules.address(target)
     cur = conn.execute("DELETE FROM aliases WHERE source = ? AND target = ?", (s, t))
     if cur.rowcount == 0:
         raise StorageError(StorageErrorKind.NOT_FOUND, f"alias {s} -> {t} does not exist")
@@ -420,39 +324,30 @@ def del_alias(conn: sqlite3.Connection, source: str, target: str) -> None:
 
 # ---------------------------------------------------------------- DKIM keys
 
-_DKIM_COLS = "domain, selector, algorithm, private_pem, public_txt, created"
-
 
 def dkim_keys(conn: sqlite3.Connection, domain: str) -> list[DkimKey]:
     try:
-        d = _domain(domain)
+        d = rules.domain(domain)
     except ValueError:
         return []
     rows = conn.execute(
-        f"SELECT {_DKIM_COLS} FROM dkim_keys WHERE domain = ? ORDER BY created, selector", (d,)
+        f"SELECT {rules.DKIM_COLS} FROM dkim_keys WHERE domain = ? ORDER BY created, selector", (d,)
     ).fetchall()
-    return [DkimKey(r[0], r[1], r[2], r[3], r[4], from_us(r[5])) for r in rows]
+    return [rules.decode_dkim_key(r) for r in rows]
 
 
 def add_dkim_key(
     conn: sqlite3.Connection, domain: str, selector: str, algorithm: str, private_pem: str,
     public_txt: str,
 ) -> DkimKey:
-    d = _domain(domain)
-    sel = selector.strip().lower()
-    if not sel or any(c.isspace() for c in sel):
-        raise ValueError(f"not a DKIM selector: {selector!r}")
-    if algorithm not in DKIM_ALGORITHMS:
-        raise ValueError(f"not a DKIM key algorithm: {algorithm!r}")
+    d = rules.domain(domain)
+    sel = rules.dkim_selector(selector, algorithm)
     if not domain_exists(conn, d):
-        raise StorageError(
-            StorageErrorKind.NOT_FOUND,
-            f"domain {d} is not a local domain; add it first (postkeep domain add {d})",
-        )
+        raise rules.unknown_domain(d)
     created = now_us()
     try:
         conn.execute(
-            f"INSERT INTO dkim_keys ({_DKIM_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO dkim_keys ({rules.DKIM_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
             (d, sel, algorithm, private_pem, public_txt, created),
         )
     except sqlite3.IntegrityError as e:
@@ -466,37 +361,32 @@ def add_dkim_key(
 
 # ---------------------------------------------------------------- mailboxes and messages
 
-_MAILBOX_COLS = "id, account_id, name, uidvalidity, uidnext, highestmodseq, special_use, subscribed"
-
-
-def _mailbox(row: tuple[int, int, str, int, int, int, str | None, int]) -> Mailbox:
-    return Mailbox(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
-
 
 def mailboxes(conn: sqlite3.Connection, account_id: AccountId) -> list[Mailbox]:
     rows = conn.execute(
-        f"SELECT {_MAILBOX_COLS} FROM mailboxes WHERE account_id = ? ORDER BY id", (account_id,)
+        f"SELECT {rules.MAILBOX_COLS} FROM mailboxes WHERE account_id = ? ORDER BY id",
+        (account_id,),
     ).fetchall()
-    return [_mailbox(r) for r in rows]
+    return [rules.decode_mailbox(r) for r in rows]
 
 
 def mailbox(conn: sqlite3.Connection, account_id: AccountId, name: str) -> Mailbox | None:
     try:
-        n = _mailbox_name(name)
+        n = rules.mailbox_name(name)
     except ValueError:
         return None  # lookups of malformed names find nothing
     row = conn.execute(
-        f"SELECT {_MAILBOX_COLS} FROM mailboxes WHERE account_id = ? AND name = ?",
+        f"SELECT {rules.MAILBOX_COLS} FROM mailboxes WHERE account_id = ? AND name = ?",
         (account_id, n),
     ).fetchone()
-    return None if row is None else _mailbox(row)
+    return None if row is None else rules.decode_mailbox(row)
 
 
 def mailbox_by_id(conn: sqlite3.Connection, mailbox_id: MailboxId) -> Mailbox | None:
     row = conn.execute(
-        f"SELECT {_MAILBOX_COLS} FROM mailboxes WHERE id = ?", (mailbox_id,)
+        f"SELECT {rules.MAILBOX_COLS} FROM mailboxes WHERE id = ?", (mailbox_id,)
     ).fetchone()
-    return None if row is None else _mailbox(row)
+    return None if row is None else rules.decode_mailbox(row)
 
 
 def _require_mailbox(conn: sqlite3.Connection, mailbox_id: MailboxId) -> Mailbox:
@@ -511,9 +401,7 @@ def _next_uidvalidity(conn: sqlite3.Connection) -> int:
     # UIDVALIDITY. Taking max(last + 1, now) makes values strictly increase across the
     # whole store — even when the clock steps back or many mailboxes appear in one second.
     last = conn.execute("SELECT value FROM counters WHERE name = 'uidvalidity'").fetchone()[0]
-    value = max(last + 1, int(time.time()))
-    if value > _MAX_UID:
-        raise StorageError(StorageErrorKind.LIMIT, "UIDVALIDITY values are exhausted")
+    value = rules.check_uidvalidity(max(last + 1, int(time.time())))
     conn.execute("UPDATE counters SET value = ? WHERE name = 'uidvalidity'", (value,))
     return int(value)
 
@@ -526,7 +414,7 @@ def _insert_mailbox(
     *,
     subscribed: bool,
 ) -> Mailbox:
-    n = _mailbox_name(name)
+    n = rules.mailbox_name(name)
     uidvalidity = _next_uidvalidity(conn)
     try:
         cur = conn.execute(
@@ -560,39 +448,17 @@ def create_mailbox(
     return box
 
 
-_MESSAGE_COLS = (
-    "m.mailbox_id, m.uid, m.modseq, m.flags, m.internal_date, m.internal_tz, m.size,"
-    " m.blob_id, m.envelope, m.bodystructure"
-)
-
-
-def _message(
-    row: tuple[int, int, int, str, int, int, int, int, str | None, str | None],
-) -> MessageRow:
-    return MessageRow(
-        mailbox_id=row[0],
-        uid=row[1],
-        modseq=row[2],
-        flags=frozenset(row[3].split()),
-        internal_date=from_us(row[4], row[5]),
-        size=row[6],
-        blob=BlobRef(row[7], row[6]),
-        envelope=row[8],
-        bodystructure=row[9],
-    )
-
-
 def messages(
     conn: sqlite3.Connection, mailbox_id: MailboxId, uids: Sequence[Uid] | None = None
 ) -> list[MessageRow]:
     """Rows in UID order; UIDs that do not exist are left out (as IMAP FETCH does)."""
     if uids is None:
         rows = conn.execute(
-            f"SELECT {_MESSAGE_COLS} FROM messages m WHERE m.mailbox_id = ? ORDER BY m.uid",
+            f"SELECT {rules.MESSAGE_COLS} FROM messages m WHERE m.mailbox_id = ? ORDER BY m.uid",
             (mailbox_id,),
         ).fetchall()
-        return [_message(r) for r in rows]
-    return [_message(r) for r in _by_uid(conn, _MESSAGE_COLS, mailbox_id, uids)]
+        return [rules.decode_message(r) for r in rows]
+    return [rules.decode_message(r) for r in _by_uid(conn, rules.MESSAGE_COLS, mailbox_id, uids)]
 
 
 def _by_uid(
@@ -636,11 +502,11 @@ def messages_since(
     # whole mailbox in UID order to avoid a sort; the modseq index finds the few rows that
     # changed, and sorting those is cheap.
     rows = conn.execute(
-        f"SELECT {_MESSAGE_COLS} FROM messages m INDEXED BY messages_modseq"
+        f"SELECT {rules.MESSAGE_COLS} FROM messages m INDEXED BY messages_modseq"
         " WHERE m.mailbox_id = ? AND m.modseq > ? ORDER BY m.uid",
         (mailbox_id, modseq),
     ).fetchall()
-    return [_message(r) for r in rows]
+    return [rules.decode_message(r) for r in rows]
 
 
 def append(
@@ -653,27 +519,20 @@ def append(
     bodystructure: str | None,
     log: list[Change],
 ) -> Uid:
-    flag_text = _flags_text(_flags(flags))
-    if when is None:
-        internal, tz_minutes = now_us(), 0
-    else:
-        internal = to_us(when)
-        offset = when.utcoffset()
-        assert offset is not None  # to_us refused naive datetimes
-        tz_minutes = int(offset.total_seconds() // 60)
+    flag_text = rules.flags_text(rules.flags(flags))
+    internal, tz_minutes = rules.internal_date(when)
     row = conn.execute(
         "SELECT uidnext, highestmodseq FROM mailboxes WHERE id = ?", (mailbox_id,)
     ).fetchone()
     if row is None:
         raise StorageError(StorageErrorKind.NOT_FOUND, f"mailbox id {mailbox_id} does not exist")
     uid, modseq = row[0], row[1] + 1
-    if uid > _MAX_UID:
+    if uid > rules.MAX_UID:
         # RFC 3501 §2.3.1.1: UIDs are 32-bit. The mailbox needs a new UIDVALIDITY (a rename
         # and re-create), which is an operator decision.
         raise StorageError(StorageErrorKind.LIMIT, f"mailbox id {mailbox_id} has run out of UIDs")
     size = _blob_size(conn, blob.id)
-    if size != blob.size:
-        raise ValueError(f"blob {blob.id} has {size} bytes, the reference says {blob.size}")
+    rules.check_blob_ref(blob, size)
     conn.execute(
         "UPDATE mailboxes SET uidnext = ?, highestmodseq = ? WHERE id = ?",
         (uid + 1, modseq, mailbox_id),
@@ -715,28 +574,11 @@ def set_flags(
     unchanged_since: int | None,
     log: list[Change],
 ) -> tuple[list[FlagChange], list[Uid]]:
-    given = _flags(flags)
-    if unchanged_since is not None and unchanged_since < 0:
-        raise ValueError(f"negative UNCHANGEDSINCE {unchanged_since}")
+    given = rules.flags(flags)
+    rules.check_unchanged_since(unchanged_since)
     box = _require_mailbox(conn, mailbox_id)
-    refused: list[Uid] = []
-    changed: list[tuple[Uid, frozenset[str]]] = []
-    for uid, modseq, text in _by_uid(conn, "m.uid, m.modseq, m.flags", mailbox_id, uids):
-        # RFC 7162 §3.1.3: test first, whether or not the STORE would change anything;
-        # UNCHANGEDSINCE 0 therefore always fails (every modseq is >= 1).
-        if unchanged_since is not None and modseq > unchanged_since:
-            refused.append(uid)
-            continue
-        old = frozenset(text.split())
-        match op:
-            case FlagOp.SET:
-                new = given
-            case FlagOp.ADD:
-                new = old | given
-            case FlagOp.REMOVE:
-                new = old - given
-        if new != old:  # setting what is already set is not a change: no new modseq
-            changed.append((uid, new))
+    rows = _by_uid(conn, "m.uid, m.modseq, m.flags", mailbox_id, uids)
+    changed, refused = rules.flag_updates(rows, op, given, unchanged_since)
     if not changed:
         return [], refused
     # One new mod-sequence shared by every message this STORE changed: RFC 7162 §2 asks
@@ -744,7 +586,7 @@ def set_flags(
     modseq = _new_modseq(conn, box)
     conn.executemany(
         "UPDATE messages SET flags = ?, modseq = ? WHERE mailbox_id = ? AND uid = ?",
-        [(_flags_text(new), modseq, mailbox_id, uid) for uid, new in changed],
+        [(rules.flags_text(new), modseq, mailbox_id, uid) for uid, new in changed],
     )
     log.append(Change(mailbox_id, ChangeKind.FLAGS, tuple(u for u, _ in changed), modseq))
     return [FlagChange(uid, modseq, new) for uid, new in changed], refused
@@ -798,12 +640,8 @@ def copy(
     found = _existing_uids(conn, src, uids)
     if not found:
         return []
+    rules.check_uid_room(target, len(found))
     first = target.uidnext
-    if first + len(found) - 1 > _MAX_UID:
-        raise StorageError(
-            StorageErrorKind.LIMIT,
-            f"mailbox {target.name!r} has no room for {len(found)} more UIDs",
-        )
     modseq = target.highestmodseq + 1
     # RFC 4315 §4.3 (COPYUID): new UIDs in the order of the source UIDs. The rows are
     # copied inside SQLite (INSERT … SELECT), so envelopes never pass through Python, and
@@ -848,9 +686,7 @@ def rename_mailbox(
     conn: sqlite3.Connection, mailbox_id: MailboxId, new_name: str, log: list[Change]
 ) -> None:
     box = _require_mailbox(conn, mailbox_id)
-    target = _mailbox_name(new_name)
-    if target == "INBOX":
-        raise StorageError(StorageErrorKind.EXISTS, "INBOX always exists")
+    target = rules.rename_target(new_name)
     if box.name == "INBOX":
         # RFC 3501 §6.3.5: renaming INBOX moves its messages to a new mailbox (new
         # UIDVALIDITY, new UIDs) and leaves INBOX there, empty; INBOX's inferiors are
@@ -859,15 +695,11 @@ def rename_mailbox(
         log.append(Change(made.id, ChangeKind.MAILBOX, (), made.highestmodseq))
         move(conn, box.id, uids(conn, box.id), made.id, log)
         return
-    if target == box.name:
-        raise StorageError(StorageErrorKind.EXISTS, f"mailbox {target!r} already exists")
-    prefix = box.name + DELIMITER
-    if target.startswith(prefix):
-        raise StorageError(StorageErrorKind.PERM, f"cannot move mailbox {box.name!r} inside itself")
+    prefix = rules.check_rename(box, target)
     # The mailbox and its inferiors ("a", "a/b", "a/b/c"). Names in [prefix, name + "0")
     # are exactly those starting with the prefix ("0" follows "/"), a range on the
     # (account_id, name) index.
-    assert DELIMITER == "/"
+    assert rules.DELIMITER == "/"
     inferiors = conn.execute(
         "SELECT id, name, highestmodseq FROM mailboxes"
         " WHERE account_id = ? AND name >= ? AND name < ? ORDER BY name",
@@ -875,7 +707,7 @@ def rename_mailbox(
     ).fetchall()
     family = [(box.id, box.name, box.highestmodseq), *inferiors]
     ids = {mid for mid, _, _ in family}
-    renames = [(mid, target + name[len(box.name) :]) for mid, name, _ in family]
+    renames = rules.renames(box.name, target, [(mid, name) for mid, name, _ in family])
     for _, name in renames:
         row = conn.execute(
             "SELECT id FROM mailboxes WHERE account_id = ? AND name = ?",
@@ -898,9 +730,7 @@ def rename_mailbox(
 
 def delete_mailbox(conn: sqlite3.Connection, mailbox_id: MailboxId, log: list[Change]) -> None:
     box = _require_mailbox(conn, mailbox_id)
-    if box.name == "INBOX":
-        # RFC 3501 §6.3.4: it is an error to attempt to delete INBOX.
-        raise StorageError(StorageErrorKind.PERM, "INBOX cannot be deleted")
+    rules.check_deletable(box)
     blob_ids = [
         b
         for (b,) in conn.execute(
@@ -937,10 +767,7 @@ def maildrop_holder(conn: sqlite3.Connection, account_id: AccountId) -> str | No
 def acquire_maildrop(
     conn: sqlite3.Connection, account_id: AccountId, holder: str, ttl: float
 ) -> bool:
-    if not holder:
-        raise ValueError("a maildrop lock needs a holder name")
-    if not (math.isfinite(ttl) and 0 < ttl <= _MAX_LOCK_TTL):
-        raise ValueError(f"maildrop lock TTL must be in (0, {_MAX_LOCK_TTL}] seconds: {ttl}")
+    rules.check_maildrop_lock(holder, ttl)
     now = now_us()
     row = conn.execute(
         "SELECT holder, expires FROM maildrop_locks WHERE account_id = ?", (account_id,)
@@ -952,7 +779,7 @@ def acquire_maildrop(
     # A missing account fails the foreign key: NOT_FOUND.
     conn.execute(
         "INSERT OR REPLACE INTO maildrop_locks (account_id, holder, expires) VALUES (?, ?, ?)",
-        (account_id, holder, now + round(ttl * 1_000_000)),
+        (account_id, holder, now + rules.seconds_us(ttl)),
     )
     return True
 
@@ -976,22 +803,7 @@ def _blob_size(conn: sqlite3.Connection, blob_id: int) -> int:
 
 
 def put_blob(conn: sqlite3.Connection, data: bytes | BinaryIO, size: int | None) -> BlobRef:
-    if isinstance(data, bytes | bytearray | memoryview):
-        view = memoryview(data).cast("B")
-        if size is not None and size != len(view):
-            raise ValueError(f"size {size} given for {len(view)} bytes")
-        total = len(view)
-    else:
-        if size is None:
-            # Whatever is left from the current position, found by seeking (the file stays
-            # where it was); a stream that cannot seek must come with its size.
-            here = data.tell()
-            total = data.seek(0, 2) - here
-            data.seek(here)
-        else:
-            total = size
-    if total < 0:
-        raise ValueError(f"negative blob size {total}")
+    total = rules.blob_size(data, size)
     # zeroblob() reserves the space without building the bytes in memory; the content is
     # then written in place, chunk by chunk.
     cur = conn.execute(
@@ -1003,18 +815,12 @@ def put_blob(conn: sqlite3.Connection, data: bytes | BinaryIO, size: int | None)
     if total:
         with conn.blobopen("blobs", "data", blob_id) as b:
             if isinstance(data, bytes | bytearray | memoryview):
+                view = memoryview(data).cast("B")
                 for start in range(0, total, BLOB_CHUNK):
                     b.write(view[start : start + BLOB_CHUNK])
             else:
-                left = total
-                while left:
-                    chunk = data.read(min(BLOB_CHUNK, left))
-                    if not chunk:
-                        raise ValueError(
-                            f"the file ended {left} bytes before the {total} bytes expected"
-                        )
+                for chunk in rules.file_chunks(data, total):
                     b.write(chunk)
-                    left -= len(chunk)
     return BlobRef(blob_id, total)
 
 
@@ -1022,10 +828,8 @@ def read_blob(
     conn: sqlite3.Connection, ref: BlobRef, offset: int = 0, length: int | None = None
 ) -> bytes:
     """``length`` bytes from ``offset`` (fewer at the end; ``b""`` past it)."""
-    if offset < 0 or (length is not None and length < 0):
-        raise ValueError(f"bad range: offset {offset}, length {length}")
-    size = _blob_size(conn, ref.id)
-    end = size if length is None else min(size, offset + length)
+    rules.check_range(offset, length)
+    end = rules.range_end(_blob_size(conn, ref.id), offset, length)
     if offset >= end:
         return b""
     with conn.blobopen("blobs", "data", ref.id, readonly=True) as b:
@@ -1039,11 +843,7 @@ def read_blob(
 def enqueue(
     conn: sqlite3.Connection, sender: str, recipients: Sequence[str], blob: BlobRef
 ) -> QueueId:
-    if isinstance(recipients, str):
-        raise ValueError("recipients must be a sequence of addresses, not one string")
-    rcpts = list(recipients)
-    if not rcpts:
-        raise ValueError("a queue entry needs at least one recipient")
+    rcpts = rules.queue_recipients(recipients)
     _blob_size(conn, blob.id)  # NOT_FOUND with a clear message rather than a bare FK error
     now = now_us()
     cur = conn.execute(
@@ -1062,30 +862,11 @@ def enqueue(
 
 def outbound(conn: sqlite3.Connection, limit: int = 100) -> list[OutboundRow]:
     rows = conn.execute(
-        "SELECT o.id, o.sender, o.recipients, o.blob_id, b.size, o.created, o.next_attempt,"
-        " o.attempts, o.last_error FROM outbound o JOIN blobs b ON b.id = o.blob_id"
+        f"SELECT {rules.OUTBOUND_COLS} FROM outbound o JOIN blobs b ON b.id = o.blob_id"
         " ORDER BY o.next_attempt, o.id LIMIT ?",
         (limit,),
     ).fetchall()
-    return [
-        OutboundRow(
-            id=r[0],
-            sender=r[1],
-            recipients=tuple(json.loads(r[2])),
-            blob=BlobRef(r[3], r[4]),
-            created=from_us(r[5]),
-            next_attempt=from_us(r[6]),
-            attempts=r[7],
-            last_error=r[8],
-        )
-        for r in rows
-    ]
-
-
-_ENTRY_COLUMNS = (
-    "o.id, o.sender, o.blob_id, b.size, o.created, o.next_attempt, o.attempts,"
-    " o.delay_notified, o.lease_holder, o.lease_until"
-)
+    return [rules.decode_outbound(r) for r in rows]
 
 
 def _entries(conn: sqlite3.Connection, ids: Sequence[QueueId], now: int) -> list[QueueEntry]:
@@ -1094,65 +875,19 @@ def _entries(conn: sqlite3.Connection, ids: Sequence[QueueId], now: int) -> list
     rcpts: dict[int, list[QueueRecipient]] = {}
     for chunk in _chunks(list(ids)):
         for row in conn.execute(
-            f"SELECT {_ENTRY_COLUMNS} FROM outbound o JOIN blobs b ON b.id = o.blob_id"
+            f"SELECT {rules.ENTRY_COLS} FROM outbound o JOIN blobs b ON b.id = o.blob_id"
             f" WHERE o.id IN ({_marks(len(chunk))})",
             chunk,
         ):
             heads[row[0]] = row
         for r in conn.execute(
-            f"SELECT {_RCPT_COLUMNS}"
+            f"SELECT {rules.RCPT_COLS}"
             f" FROM outbound_rcpts WHERE queue_id IN ({_marks(len(chunk))})"
             " ORDER BY queue_id, position",
             chunk,
         ):
-            rcpts.setdefault(r[0], []).append(_queue_recipient(r))
-    return _assemble_entries(ids, heads, rcpts, now)
-
-
-# Row decoding shared with the PostgreSQL backend (same columns, same meaning).
-_RCPT_COLUMNS = "queue_id, address, state, attempts, last_error, last_attempt"
-
-
-def _queue_recipient(r: Sequence[Any]) -> QueueRecipient:
-    """A row of ``_RCPT_COLUMNS`` as a QueueRecipient."""
-    return QueueRecipient(
-        address=r[1],
-        state=RecipientState(r[2]),
-        attempts=r[3],
-        last_error=r[4],
-        last_attempt=None if r[5] is None else from_us(r[5]),
-    )
-
-
-def _assemble_entries(
-    ids: Sequence[QueueId],
-    heads: Mapping[int, Sequence[Any]],
-    rcpts: Mapping[int, list[QueueRecipient]],
-    now: int,
-) -> list[QueueEntry]:
-    """QueueEntries in the order of ``ids`` from ``_ENTRY_COLUMNS`` rows and recipients;
-    a lease that expired by ``now`` is reported as no lease."""
-    out: list[QueueEntry] = []
-    for queue_id in ids:
-        h = heads.get(queue_id)
-        if h is None:
-            continue
-        leased = h[8] is not None and h[9] is not None and h[9] > now
-        out.append(
-            QueueEntry(
-                id=h[0],
-                sender=h[1],
-                recipients=tuple(rcpts.get(queue_id, ())),
-                blob=BlobRef(h[2], h[3]),
-                created=from_us(h[4]),
-                next_attempt=from_us(h[5]),
-                attempts=h[6],
-                delay_notified=bool(h[7]),
-                lease_holder=h[8] if leased else None,
-                lease_until=from_us(h[9]) if leased else None,
-            )
-        )
-    return out
+            rcpts.setdefault(r[0], []).append(rules.decode_recipient(r))
+    return rules.assemble_entries(ids, heads, rcpts, now)
 
 
 def queue_entries(conn: sqlite3.Connection, limit: int = 100) -> list[QueueEntry]:
@@ -1168,10 +903,7 @@ def queue_entries(conn: sqlite3.Connection, limit: int = 100) -> list[QueueEntry
 def claim_due(
     conn: sqlite3.Connection, now: datetime, limit: int, holder: str, lease_seconds: float
 ) -> list[QueueEntry]:
-    if not holder:
-        raise ValueError("a queue lease needs a holder name")
-    if not (math.isfinite(lease_seconds) and lease_seconds > 0):
-        raise ValueError(f"lease must be a positive number of seconds: {lease_seconds}")
+    rules.check_lease(holder, lease_seconds)
     at = to_us(now)
     # One writer at a time (BEGIN IMMEDIATE, across processes too): nobody can claim the
     # same rows between this SELECT and the UPDATE. PostgreSQL: FOR UPDATE SKIP LOCKED.
@@ -1188,7 +920,7 @@ def claim_due(
     ]
     if not ids:
         return []
-    until = at + round(lease_seconds * 1_000_000)
+    until = at + rules.seconds_us(lease_seconds)
     for chunk in _chunks(ids):
         conn.execute(
             f"UPDATE outbound SET lease_holder = ?, lease_until = ?"
@@ -1240,8 +972,7 @@ def record_attempt(
 
 
 def release_leases(conn: sqlite3.Connection, holder_prefix: str) -> int:
-    if not holder_prefix:
-        raise ValueError("release_leases needs a holder prefix (not every lease)")
+    rules.check_holder_prefix(holder_prefix)
     # substr, not LIKE: a holder name may contain % or _.
     cur = conn.execute(
         "UPDATE outbound SET lease_holder = NULL, lease_until = NULL"

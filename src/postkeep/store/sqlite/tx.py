@@ -198,7 +198,7 @@ class SqliteWriteTx(SqliteReadTx):
         )
 
     async def put_blob(self, data: bytes | BinaryIO, size: int | None = None) -> BlobRef:
-        # The file object is read in the writer thread, chunk by chunk (ops.BLOB_CHUNK).
+        # The file object is read in the writer thread, chunk by chunk (rules.BLOB_CHUNK).
         return await self._runner.run(lambda c: ops.put_blob(c, data, size), changes=True)
 
     async def append(
