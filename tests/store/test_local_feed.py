@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from postkeep.store.api import Change, ChangeKind
-from postkeep.store.sqlite.feed import LocalChangeFeed
+from postkeep.store.feed import LocalChangeFeed
 
 
 def _append(mailbox_id: int, uid: int, modseq: int) -> Change:

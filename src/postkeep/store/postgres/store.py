@@ -62,10 +62,10 @@ from postkeep.store.api import (
     Uid,
     WriteTx,
 )
+from postkeep.store.feed import DEFAULT_BACKLOG, LocalChangeFeed
 from postkeep.store.postgres import ops
 from postkeep.store.postgres.migrate import migrate
 from postkeep.store.postgres.notify import CHANNEL, decode, encode
-from postkeep.store.sqlite.feed import DEFAULT_BACKLOG, LocalChangeFeed
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 One file, WAL mode, one writer thread with group commit (``writer.py``) and a small pool of
 reader connections, each with a thread of its own, for snapshot reads. ``changes`` is an
-in-process ``LocalChangeFeed`` (``feed.py``) that the writer feeds after each COMMIT: it
+in-process ``LocalChangeFeed`` (``store/feed.py``) that the writer feeds after each COMMIT: it
 sees the writes of this process only, not those of another process sharing the file
 (the CLI's ``user del``, say), which is fine for what it serves — waking IDLE sessions.
 
@@ -45,8 +45,8 @@ from postkeep.store.api import (
     StoreStats,
     WriteTx,
 )
+from postkeep.store.feed import DEFAULT_BACKLOG, LocalChangeFeed
 from postkeep.store.sqlite.connection import DEFAULT_BUSY_TIMEOUT, connect, convert
-from postkeep.store.sqlite.feed import DEFAULT_BACKLOG, LocalChangeFeed
 from postkeep.store.sqlite.tx import SqliteReadTx
 from postkeep.store.sqlite.writer import DEFAULT_BATCH_CAP, DEFAULT_BATCH_WINDOW, Writer
 

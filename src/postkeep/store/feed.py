@@ -1,16 +1,14 @@
 """``LocalChangeFeed``: the in-process ``ChangeFeed`` (``store.changes``) of a store.
 
-Write transactions do not talk to subscribers. Each one collects the ``Change``s of its
-operations; the writer hands the changes of a whole group-commit batch to ``publish()``
-only after that batch's COMMIT returned. A rolled-back transaction, a failed operation and
-a batch whose COMMIT failed therefore publish nothing, and a subscriber never hears about
-a change it could not yet read.
+Both backends use it. Write transactions do not talk to subscribers. Each one collects
+the ``Change``s of its operations, and the store hands them to ``publish()`` only after
+their COMMIT returned: SQLite's writer for a whole group-commit batch, PostgreSQL for each
+transaction, plus what other nodes did, heard by LISTEN/NOTIFY (``postgres/notify.py``;
+PostgreSQL delivers a NOTIFY only when its transaction commits). A rolled-back
+transaction, a failed operation and a COMMIT that failed therefore publish nothing, and a
+subscriber never hears about a change it could not yet read.
 
-Nothing here knows about SQLite. The PostgreSQL backend is meant to feed the same class
-from LISTEN/NOTIFY: each transaction NOTIFYs its changes (PostgreSQL delivers a NOTIFY
-only when its transaction commits, and to every node), and the node's LISTEN callback
-decodes the payload and calls ``publish()`` — so its own changes reach its sessions the
-same way as those of other nodes.
+Nothing here knows about either database.
 
 Backlog bound: a subscriber that does not call ``wait()`` for a long time (a stuck IDLE
 session) must not make the process run out of memory. Pending changes are weighed as
@@ -23,7 +21,7 @@ deleted), so the subscriber resynchronises (``mailbox_by_id``, ``uids``,
 collapse a backlog holds at most one entry per mailbox.
 
 Invariants:
-- ``publish()`` and ``Subscription.wait()`` run on the event loop thread (the writer calls
+- ``publish()`` and ``Subscription.wait()`` run on the event loop thread (the stores call
   ``publish()`` there, after the COMMIT); nothing here is thread-safe, nothing blocks.
 - A subscription gets every published change of its mailboxes, in publication order, at
   most once, from ``subscribe()`` until ``close()`` — or, after a collapse, MAILBOX
