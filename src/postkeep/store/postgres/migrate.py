@@ -1,7 +1,7 @@
 """Versioned schema migrations for PostgreSQL: ``schema/NNNN_name.sql``, applied in order.
 
-The same rules as ``store/sqlite/migrate.py``: numbered 1, 2, 3… without gaps; a shipped
-migration is never edited; a database newer than this code is refused. All pending
+The rules of ``store/migrations.py``, as for SQLite: numbered 1, 2, 3… without gaps; a
+shipped migration is never edited; a database newer than this code is refused. All pending
 migrations run in one transaction under a transaction-level advisory lock, so nodes
 starting at the same moment apply them once: the others wait, then find nothing to do.
 A PostgreSQL script runs as one ``execute()`` (simple query protocol), so it may hold
@@ -11,43 +11,20 @@ several statements and dollar-quoted bodies; it must not contain BEGIN/COMMIT.
 from __future__ import annotations
 
 import logging
-import re
-from dataclasses import dataclass
-from importlib import resources
 
 import asyncpg
 
-from postkeep.store.api import StorageError, StorageErrorKind
+from postkeep.store.migrations import Migration, discover, refuse_newer
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 #: pg_advisory_xact_lock key: "postkeep" in ASCII, so it is recognisable in pg_locks.
 _LOCK_KEY = 0x706F73746B656570
 
 
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
 def migrations() -> list[Migration]:
-    found: list[Migration] = []
-    for entry in resources.files("postkeep.store.postgres").joinpath("schema").iterdir():
-        m = _NAME.match(entry.name)
-        if m is None:
-            continue
-        found.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
-    found.sort(key=lambda mig: mig.version)
-    for expected, mig in enumerate(found, start=1):
-        if mig.version != expected:
-            raise RuntimeError(
-                "schema migrations must be numbered 1, 2, 3… without gaps or duplicates; "
-                f"found {[m.version for m in found]}"
-            )
-    return found
+    """The PostgreSQL migrations shipped with this package, checked and in order."""
+    return discover("postkeep.store.postgres")
 
 
 async def migrate(conn: asyncpg.Connection) -> tuple[int, ...]:
@@ -60,13 +37,7 @@ async def migrate(conn: asyncpg.Connection) -> tuple[int, ...]:
             " version integer PRIMARY KEY, name text NOT NULL, applied bigint NOT NULL)"
         )
         have = {r[0] for r in await conn.fetch("SELECT version FROM schema_version")}
-        newer = sorted(v for v in have if v > len(known))
-        if newer:
-            raise StorageError(
-                StorageErrorKind.PERM,
-                f"the database has schema version {newer[-1]}, newer than this postkeep "
-                f"({len(known)}): upgrade postkeep",
-            )
+        refuse_newer(max(have, default=0), known)
         applied: list[int] = []
         for mig in known:
             if mig.version in have:

@@ -2,11 +2,12 @@
 
 ``SqliteStore(path)`` keeps everything — accounts, mailboxes, messages, message bytes and
 the outbound queue — in one SQLite file in WAL mode. Modules: ``connection`` (how a
-connection is opened, error translation), ``migrate`` (numbered ``schema/NNNN_name.sql``
-files), ``ops`` (the SQL of each operation), ``tx`` (the async transaction objects),
-``writer`` (the writer thread and group commit), ``feed`` (the in-process change feed the
-writer publishes to after each COMMIT), ``store`` (the ``Store`` itself and the reader
-pool).
+connection is opened, error translation), ``migrate`` (applying the numbered
+``schema/NNNN_name.sql`` files), ``ops`` (the SQL of each operation), ``tx`` (the async
+transaction objects), ``writer`` (the writer thread and group commit; it publishes to the
+shared ``store/feed.py`` after each COMMIT), ``store`` (the ``Store`` itself and the
+reader pool). What does not depend on SQLite is ``store/rules.py`` and
+``store/migrations.py``, shared with the PostgreSQL backend.
 
 Invariants:
 - No SQLite call runs on the event loop thread: the writer has one thread, each reader

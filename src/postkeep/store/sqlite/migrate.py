@@ -1,9 +1,10 @@
-"""Versioned schema migrations: ``schema/NNNN_name.sql``, applied in order, recorded.
+"""Applying the SQLite schema migrations (``schema/NNNN_name.sql``), in order, recorded.
 
-The ``.sql`` files ship as package data and are read with ``importlib.resources``. A
-``schema_version`` table holds one row per applied migration. ``migrate()`` runs the whole
-check-and-apply under one ``BEGIN IMMEDIATE``: a second process opening the same file at the
-same moment waits for the write lock (busy_timeout), then finds nothing left to do.
+Finding and checking the files, and refusing a database newer than this code, are
+``store/migrations.py``, shared with the PostgreSQL backend. A ``schema_version`` table
+holds one row per applied migration. ``migrate()`` runs the whole check-and-apply under
+one ``BEGIN IMMEDIATE``: a second process opening the same file at the same moment waits
+for the write lock (busy_timeout), then finds nothing left to do.
 
 Invariants:
 - Migrations are numbered 1, 2, 3, … without gaps or duplicates; a shipped migration is
@@ -19,42 +20,18 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import re
 import sqlite3
-from dataclasses import dataclass
-from importlib import resources
 
-from postkeep.store.api import StorageError, StorageErrorKind
-from postkeep.store.sqlite.connection import convert, now_us
+from postkeep.store.migrations import Migration, discover, refuse_newer
+from postkeep.store.rules import now_us
+from postkeep.store.sqlite.connection import convert
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-
-
-@dataclass(frozen=True, slots=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
 
 def migrations() -> list[Migration]:
-    """The migrations shipped with this package, checked and in order."""
-    found: list[Migration] = []
-    for entry in resources.files("postkeep.store.sqlite").joinpath("schema").iterdir():
-        m = _NAME.match(entry.name)
-        if m is None:
-            continue
-        found.append(Migration(int(m.group(1)), m.group(2), entry.read_text(encoding="utf-8")))
-    found.sort(key=lambda mig: mig.version)
-    for expected, mig in enumerate(found, start=1):
-        if mig.version != expected:
-            raise RuntimeError(
-                f"schema migrations must be numbered 1, 2, 3… without gaps or duplicates; "
-                f"found {[m.version for m in found]}"
-            )
-    return found
+    """The SQLite migrations shipped with this package, checked and in order."""
+    return discover("postkeep.store.sqlite")
 
 
 def statements(script: str) -> list[str]:
@@ -100,12 +77,7 @@ def migrate(conn: sqlite3.Connection) -> tuple[int, ...]:
             " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied INTEGER NOT NULL)"
         )
         current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]
-        if current > len(known):
-            raise StorageError(
-                StorageErrorKind.PERM,
-                f"the database schema is version {current}, newer than this postkeep "
-                f"(which knows up to {len(known)}); upgrade postkeep, or restore a backup",
-            )
+        refuse_newer(current, known)
         applied: list[int] = []
         for mig in known[current:]:
             for stmt in statements(mig.sql):
