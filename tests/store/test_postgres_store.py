@@ -225,6 +225,9 @@ async def test_other_nodes_hear_committed_changes_once(
     inbox = await _inbox_id(a)
     on_a, on_b = a.changes.subscribe([inbox]), b.changes.subscribe([inbox])
     try:
+        # The NOTIFY of the INBOX's creation may reach B only now: let it pass first.
+        while await on_b.wait(timeout=0.5):
+            pass
         with pytest.raises(RuntimeError):
             async with a.write() as tx:
                 blob = await tx.put_blob(b"rolled back")
