@@ -17,7 +17,7 @@ Invariants:
   refused before anything is written.
 - The ``uidvalidity`` counter ends at least at the highest UIDVALIDITY copied, so
   mailboxes created later on the target get larger values (RFC 3501 §2.3.1.1).
-- Blobs are freed with their last message or queue entry, as ``ops._free_blobs`` does.
+- Blobs are freed with their last message or queue entry, by ``ops.free_blobs``.
 - No asyncpg exception leaves the module: callers see ``StorageError``.
 """
 
@@ -40,8 +40,9 @@ from postkeep.store.api import (
     Uid,
 )
 from postkeep.store.copy import CopyRefused, Directory, DirectoryResult, QueueItem
+from postkeep.store.postgres.ops import free_blobs
 from postkeep.store.postgres.store import SERVER_SETTINGS, PostgresStore, convert
-from postkeep.store.sqlite.connection import from_us, now_us, to_us
+from postkeep.store.rules import from_us, now_us, to_us
 
 #: An ``asyncpg.Connection`` (asyncpg ships no type information).
 Conn: TypeAlias = Any
@@ -61,17 +62,6 @@ def _flags_text(flags: frozenset[str]) -> str:
 def _tz_minutes(when: datetime) -> int:
     offset = when.utcoffset()
     return 0 if offset is None else int(offset.total_seconds() // 60)
-
-
-async def _free_blobs(conn: Conn, blob_ids: Sequence[int]) -> None:
-    ids = sorted(set(blob_ids))
-    if ids:
-        await conn.execute(
-            "DELETE FROM blobs b WHERE b.id = ANY($1::bigint[])"
-            " AND NOT EXISTS (SELECT 1 FROM messages WHERE blob_id = b.id)"
-            " AND NOT EXISTS (SELECT 1 FROM outbound WHERE blob_id = b.id)",
-            ids,
-        )
 
 
 class PgImporter:
@@ -191,7 +181,7 @@ class PgImporter:
                 )
             ]
             await c.execute("DELETE FROM accounts WHERE id = ANY($1::bigint[])", gone)
-            await _free_blobs(c, blobs)
+            await free_blobs(c, blobs)
         # Aliases and DKIM keys are few: replaced wholesale (the target holds only what
         # copies from this source put there, checked by begin()).
         await c.execute("DELETE FROM aliases")
@@ -291,7 +281,7 @@ class PgImporter:
                 )
             ]
             await c.execute("DELETE FROM mailboxes WHERE id = ANY($1::bigint[])", gone)
-            await _free_blobs(c, blobs)
+            await free_blobs(c, blobs)
         keep = [target for src, (target, _) in mapped.items() if src in wanted]
         # Renames may swap names: park the kept mailboxes on names no client can make.
         await c.execute(
@@ -324,7 +314,7 @@ class PgImporter:
                             target,
                         )
                     ]
-                    await _free_blobs(c, blobs)
+                    await free_blobs(c, blobs)
                 await c.execute(
                     "UPDATE mailboxes SET name = $2, uidvalidity = $3, special_use = $4,"
                     " subscribed = $5 WHERE id = $1",
@@ -379,7 +369,7 @@ class PgImporter:
                         " RETURNING blob_id", mailbox_id, list(remove),
                     )
                 ]
-                await _free_blobs(c, blobs)
+                await free_blobs(c, blobs)
             if flags:
                 await c.execute(
                     "UPDATE messages m SET modseq = f.modseq, flags = f.flags"
@@ -466,7 +456,7 @@ class PgImporter:
                 " RETURNING o.blob_id",
                 source, list(keep),
             )
-            await _free_blobs(c, [r[0] for r in rows])
+            await free_blobs(c, [r[0] for r in rows])
             return len(rows)
 
         return await self._run(op)

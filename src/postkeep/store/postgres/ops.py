@@ -14,7 +14,7 @@ Invariants:
   between nodes, so two nodes appending at once get unique, increasing UIDs.
 - Queue claims take rows with ``FOR UPDATE SKIP LOCKED``; lease, lock and ``last_attempt``
   times come from the database clock (``pk_now_us()``) where several nodes compare them.
-- A blob is deleted in the operation that removes its last reference (``_free_blobs``).
+- A blob is deleted in the operation that removes its last reference (``free_blobs``).
 - Functions that change mailboxes append their ``Change``s to ``log``.
 """
 
@@ -245,7 +245,7 @@ async def del_account(conn: Conn, address: str, log: list[Change]) -> None:
         )
     ]
     await conn.execute("DELETE FROM accounts WHERE id = $1", account_id)
-    await _free_blobs(conn, blob_ids)
+    await free_blobs(conn, blob_ids)
     log.extend(Change(r[0], ChangeKind.MAILBOX, (), r[1]) for r in boxes)
 
 
@@ -542,7 +542,7 @@ async def set_flags(
     return [FlagChange(uid, modseq, new) for uid, new in changed], refused
 
 
-async def _free_blobs(conn: Conn, blob_ids: Sequence[int]) -> None:
+async def free_blobs(conn: Conn, blob_ids: Sequence[int]) -> None:
     """Delete those of these blobs that no message and no queue entry refers to any more."""
     ids = sorted(set(blob_ids))
     if ids:
@@ -568,7 +568,7 @@ async def expunge(
     removed = sorted(int(r[0]) for r in rows)
     # RFC 7162 §3.2 (QRESYNC): an expunge is a change too; HIGHESTMODSEQ rises.
     modseq = await _new_modseq(conn, mailbox_id)
-    await _free_blobs(conn, [r[1] for r in rows])
+    await free_blobs(conn, [r[1] for r in rows])
     log.append(Change(mailbox_id, ChangeKind.EXPUNGE, tuple(removed), modseq))
     return removed
 
@@ -664,7 +664,7 @@ async def delete_mailbox(conn: Conn, mailbox_id: MailboxId, log: list[Change]) -
         "DELETE FROM messages WHERE mailbox_id = $1 RETURNING blob_id", mailbox_id
     )
     await conn.execute("DELETE FROM mailboxes WHERE id = $1", mailbox_id)
-    await _free_blobs(conn, [r[0] for r in rows])
+    await free_blobs(conn, [r[0] for r in rows])
     log.append(Change(mailbox_id, ChangeKind.MAILBOX, (), box.highestmodseq))
 
 
@@ -889,7 +889,7 @@ async def dequeue(conn: Conn, queue_id: QueueId) -> bool:
     )
     if blob_id is None:
         return False
-    await _free_blobs(conn, [blob_id])
+    await free_blobs(conn, [blob_id])
     return True
 
 

@@ -25,11 +25,6 @@ from pathlib import Path
 
 from postkeep.store.api import StorageError, StorageErrorKind
 
-# The stored-time helpers live in ``store/rules.py``; these names stay importable here.
-from postkeep.store.rules import from_us as from_us
-from postkeep.store.rules import now_us as now_us
-from postkeep.store.rules import to_us as to_us
-
 #: Default wait for another connection's lock before SQLITE_BUSY (seconds).
 DEFAULT_BUSY_TIMEOUT = 5.0
 #: Size the WAL file is truncated back to after a checkpoint (bytes).
