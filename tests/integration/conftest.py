@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import ssl
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,26 @@ from typing import Any
 import pytest
 import trustme
 from server_harness import Instance, client_context, write_cert, write_config
+
+# The throwaway PostgreSQL of the store tests (tests/store/pg_server.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
+pg_server: Any = importlib.import_module("pg_server")
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[Any]:
+    """One throwaway PostgreSQL server for the integration tests that need one, started by
+    the first of them and stopped at the end; each test takes a fresh database from it
+    (``pg.new_database()``). Unavailable: skipped with the reason, or failed under CI."""
+    server = pg_server.PgServer()
+    try:
+        try:
+            server.start()
+        except pg_server.PgUnavailable as e:
+            pg_server.unavailable(str(e))
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
-import importlib
 import poplib
 import re
 import signal
@@ -21,14 +20,12 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
 import trustme
 from server_harness import (
     DOMAIN,
@@ -44,25 +41,11 @@ from server_harness import (
 
 from postkeep.store.sqlite import SqliteStore
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
-pg_server: Any = importlib.import_module("pg_server")
-
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
 REMOTE = "someone@remote.test"
 SERVICES = ("submissions", "imaps", "pop3s")
 
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Any]:
-    server = pg_server.PgServer()
-    try:
-        server.start()
-    except pg_server.PgUnavailable as e:
-        server.stop()
-        pg_server.unavailable(str(e))
-    yield server
-    server.stop()
 
 
 def make_config(ca: trustme.CA, directory: Path, dsn: str | None = None) -> Path:

@@ -20,7 +20,6 @@ IMAP, POP3 and port 25 are dialled on each node directly. The tests show:
 from __future__ import annotations
 
 import imaplib
-import importlib
 import poplib
 import re
 import smtplib
@@ -50,9 +49,6 @@ from server_harness import (
     write_cert,
     write_config,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
-pg_server: Any = importlib.import_module("pg_server")
 
 ALICE = "alice@example.test"
 BOB = "bob@example.test"
@@ -175,23 +171,16 @@ class Cluster:
                          for n, node in self.nodes.items())
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[Any]:
-    """One PostgreSQL server for the module; each cluster gets a fresh database in it."""
-    ensure_haproxy()  # skips before anything is started when there is none
-    server = pg_server.PgServer()
-    try:
-        try:
-            server.start()
-        except pg_server.PgUnavailable as e:
-            pg_server.unavailable(str(e))
-        yield server
-    finally:
-        server.stop()
+
+@pytest.fixture
+def haproxy_bin() -> str:
+    return ensure_haproxy()  # skips before PostgreSQL is started when there is none
 
 
 @pytest.fixture
-def cluster(pg: Any, ca: trustme.CA, ca_file: Path, tmp_path: Path) -> Iterator[Cluster]:
+def cluster(
+    haproxy_bin: str, pg: Any, ca: trustme.CA, ca_file: Path, tmp_path: Path
+) -> Iterator[Cluster]:
     cleanups: list[Callable[[], None]] = []
     try:
         dsn = pg.new_database()

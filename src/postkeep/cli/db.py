@@ -35,7 +35,13 @@ from postkeep.config.load import load_config
 from postkeep.config.schema import Config
 from postkeep.store import make_store
 from postkeep.store.api import StorageError
-from postkeep.store.copy import DEFAULT_BATCH, CopyRefused, CopyReport, copy_installation
+from postkeep.store.copy import (
+    DEFAULT_BATCH,
+    CopyRefused,
+    CopyReport,
+    SilentProgress,
+    copy_installation,
+)
 
 _DSN_SCHEMES = ("postgresql://", "postgres://")
 
@@ -175,20 +181,11 @@ class _Bar:
             self._bar = None
 
 
-class _Lines:
+class _Lines(SilentProgress):
     """``--no-progress``: the phase lines only."""
 
     def phase(self, text: str) -> None:
         print(f"postkeep db copy: {text}", file=sys.stderr, flush=True)
-
-    def start(self, messages: int, nbytes: int) -> None:
-        pass
-
-    def advance(self, messages: int, nbytes: int) -> None:
-        pass
-
-    def done(self) -> None:
-        pass
 
 
 def copy_cmd(args: argparse.Namespace) -> int:
