@@ -17,9 +17,12 @@ import importlib
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("sqlite", "postgresql")
@@ -118,3 +121,29 @@ class Postgres:
         return (f"PostgreSQL {s['server_version'].split()[0]}, fsync={s['fsync']}, "
                 f"synchronous_commit={s['synchronous_commit']}, "
                 f"wal_sync_method={s['wal_sync_method']}, same machine")
+
+
+def run_each(
+    backends: list[str], base: Path, run: Callable[[Path, str, str], T]
+) -> tuple[dict[str, T], list[str], str]:
+    """``run(work, backend, dsn)`` once per backend, each in its own directory under
+    ``base`` (``dsn`` is "" for SQLite; PostgreSQL gets a fresh database on a throwaway
+    server). Returns the results by backend, a line for each backend that could not run,
+    and the PostgreSQL server's description ("" when it did not run)."""
+    results: dict[str, T] = {}
+    missing: list[str] = []
+    server = ""
+    for backend in backends:
+        work = base / backend
+        work.mkdir()
+        if backend != "postgresql":
+            results[backend] = run(work, backend, "")
+            continue
+        with Postgres() as pg:
+            if pg.missing is not None:
+                missing.append(f"{'postkeep[postgresql]':<21} no figures: PostgreSQL could "
+                               f"not be started here: {pg.missing}")
+                continue
+            server = pg.describe()
+            results[backend] = run(work, backend, pg.database())
+    return results, missing, server

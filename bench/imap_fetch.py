@@ -46,7 +46,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-from backends import Postgres, add_backends_option, use_backend
+from backends import add_backends_option, run_each, use_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
@@ -341,23 +341,11 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, max(soft, 4 * args.c + 1024))
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    results: dict[str, list[Figure]] = {}
-    lines: list[str] = []
-    server = ""
     with tempfile.TemporaryDirectory() as tmp:
-        for backend in args.backends:
-            work = Path(tmp) / backend
-            work.mkdir()
-            if backend == "sqlite":
-                results[backend] = run_postkeep(work, args.n, args.c)
-                continue
-            with Postgres() as pg:
-                if pg.missing is not None:
-                    lines.append(f"{'postkeep[postgresql]':<21} no figures: PostgreSQL could "
-                                 f"not be started here: {pg.missing}")
-                    continue
-                server = pg.describe()
-                results[backend] = run_postkeep(work, args.n, args.c, backend, pg.database())
+        results, lines, server = run_each(
+            args.backends, Path(tmp),
+            lambda where, backend, dsn: run_postkeep(where, args.n, args.c, backend, dsn),
+        )
     for backend, figures in results.items():
         name = f"postkeep[{backend}]"
         lines += [show(name, f) for f in figures]

@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from backends import Postgres, add_backends_option, use_backend
+from backends import add_backends_option, run_each, use_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 USER, PASSWORD = "bench@example.test", "bench-password-1"
@@ -234,24 +234,12 @@ def main() -> None:
     add_backends_option(parser)
     args = parser.parse_args()
     what = f"submit 465+AUTH {args.n}x10KB c={args.c}:"
-    ours: dict[str, tuple[float, float]] = {}
-    lines: list[str] = []
-    server = ""
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for backend in args.backends:
-            (work / backend).mkdir()
-            if backend == "sqlite":
-                ours[backend] = run_postkeep(work / backend, args.n, args.c)
-                continue
-            with Postgres() as pg:
-                if pg.missing is not None:
-                    lines.append(f"{'postkeep[postgresql]':<21} no figure: PostgreSQL could "
-                                 f"not be started here: {pg.missing}")
-                    continue
-                server = pg.describe()
-                ours[backend] = run_postkeep(work / backend, args.n, args.c, backend,
-                                             pg.database())
+        ours, lines, server = run_each(
+            args.backends, work,
+            lambda where, backend, dsn: run_postkeep(where, args.n, args.c, backend, dsn),
+        )
         (work / "peer").mkdir()
         peer = run_aiosmtpd(work / "peer", args.n, args.c)
     for backend, (rate, commits) in ours.items():
