@@ -4,7 +4,9 @@ The PostgreSQL twin of ``store/sqlite/ops.py``: the same checks, the same lower-
 the same row decoding (all three from ``store/rules.py``), the same error kinds and the
 same MODSEQ rules; only the SQL and the concurrency control differ, because several nodes
 may write at once.
-``tx.py`` wraps each changing call in its own SAVEPOINT and converts asyncpg errors.
+``store.py`` runs each changing call so that one that raises leaves the transaction as
+it was (a SAVEPOINT, or a new transaction when nothing was changed yet) and converts
+asyncpg errors.
 
 Invariants:
 - Functions never BEGIN, COMMIT or ROLLBACK: they run inside a transaction someone else
@@ -491,15 +493,20 @@ async def append(
             )
         raise StorageError(StorageErrorKind.LIMIT, f"mailbox id {mailbox_id} has run out of UIDs")
     uid, modseq = int(row[0]), int(row[1])
-    # Checked after the mailbox, as SQLite does; a raise rolls the UPDATE back (savepoint).
-    size = await _blob_size(conn, blob.id)
-    rules.check_blob_ref(blob, size)
-    await conn.execute(
+    # The blob is checked after the mailbox, as SQLite does, in the INSERT itself: no row
+    # is inserted unless the blob exists with the size the reference gives. Then the
+    # raise below rolls the UPDATE back (the caller's savepoint or transaction).
+    inserted = await conn.fetchval(
         "INSERT INTO messages (mailbox_id, uid, modseq, flags, internal_date, internal_tz,"
-        " size, blob_id, envelope, bodystructure) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        mailbox_id, uid, modseq, flag_text, internal, tz_minutes, size, blob.id,
+        " size, blob_id, envelope, bodystructure)"
+        " SELECT $1, $2, $3, $4, $5, $6, b.size, b.id, $9, $10 FROM blobs b"
+        " WHERE b.id = $8 AND b.size = $7 RETURNING 1",
+        mailbox_id, uid, modseq, flag_text, internal, tz_minutes, blob.size, blob.id,
         envelope, bodystructure,
     )
+    if inserted is None:
+        rules.check_blob_ref(blob, await _blob_size(conn, blob.id))  # raises
+        raise StorageError(StorageErrorKind.TEMP, f"blob {blob.id} changed while appending")
     log.append(Change(mailbox_id, ChangeKind.APPEND, (uid,), modseq))
     return uid
 

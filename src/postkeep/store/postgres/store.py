@@ -2,9 +2,13 @@
 
 A write transaction is one PostgreSQL transaction (READ COMMITTED, with row locks where
 a value is read and then written: mailbox rows for UIDs and modseqs, ``FOR UPDATE SKIP
-LOCKED`` for queue claims). Each changing call runs in a SAVEPOINT of its own (a nested
-``conn.transaction()``), so a call that raises leaves the transaction as it was and the
-caller may go on. A read transaction is a REPEATABLE READ, READ ONLY snapshot.
+LOCKED`` for queue claims). A changing call that raises leaves the transaction as it was
+and the caller may go on: the first changing call of a transaction that has changed
+nothing yet runs without a SAVEPOINT (if it raises, the empty transaction is rolled back
+and begun again, which is the same state), every later one in a SAVEPOINT of its own.
+A SAVEPOINT is released only when the next one is taken (``RELEASE …; SAVEPOINT …`` in
+one round trip) or by the COMMIT. A read transaction is a REPEATABLE READ, READ ONLY
+snapshot.
 
 Invariants:
 - ``async with store.write()`` returns only after COMMIT returned, with
@@ -20,6 +24,10 @@ Invariants:
   other nodes' changes are not heard; sessions still see them when they next read.
 - One transaction is one pooled connection; its calls are serialised by a lock (asyncpg
   runs one query at a time per connection). A transaction object is dead after its block.
+- Pooled connections keep no session state (no SET, LISTEN, session advisory lock or
+  cursor outside a transaction: LISTEN has its own connection, the migration lock is
+  transaction-level), so the pool returns a connection without asyncpg's reset query
+  (one round trip less per transaction); asyncpg still rolls back an open transaction.
 - No asyncpg exception leaves the package: callers see ``StorageError``.
 """
 
@@ -96,6 +104,12 @@ def convert(e: BaseException, doing: str = "") -> StorageError:
 
 
 _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+#: The name of the SAVEPOINT a changing call runs in (asyncpg's own are ``__asyncpg_…``).
+_SAVEPOINT = "pk_call"
+
+
+async def _keep_session(_conn: Conn) -> None:
+    """The pool's reset: nothing to undo (see the module docstring)."""
 
 
 class PgReadTx:
@@ -177,26 +191,68 @@ class PgReadTx:
 class PgWriteTx(PgReadTx):
     """Implements ``postkeep.store.api.WriteTx``; reads see this transaction's own changes."""
 
-    __slots__ = ("changes",)
+    __slots__ = ("_changed", "_savepoint", "changes", "tr")
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: Conn, tr: Any) -> None:
         super().__init__(conn)
         #: What this transaction did to mailboxes, for ``store.changes`` after the COMMIT.
         self.changes: list[Change] = []
+        #: The started top-level ``asyncpg`` transaction; ``None`` once it cannot go on.
+        self.tr: Any = tr
+        self._changed = False  # a changing call has returned: the transaction holds work
+        self._savepoint = False  # SAVEPOINT _SAVEPOINT is open (not yet released)
 
     async def _write(self, op: Callable[[Conn, list[Change]], Awaitable[T]]) -> T:
-        """Run a changing operation in its own SAVEPOINT; keep its changes if it returned."""
+        """Run a changing operation so that, if it raises, the transaction is as it was;
+        keep its changes if it returned."""
         async with self._lock:
             if not self.active:
                 raise RuntimeError("this transaction has ended")
+            if self.tr is None:
+                raise StorageError(StorageErrorKind.TEMP, "the transaction was lost")
             mine: list[Change] = []
             try:
-                async with self._conn.transaction():  # nested: SAVEPOINT / RELEASE
-                    result = await op(self._conn, mine)
+                if self._changed:
+                    result = await self._in_savepoint(op, mine)
+                else:
+                    result = await self._first(op, mine)
             except _ERRORS as e:
                 raise convert(e) from e
+            self._changed = True
             self.changes.extend(mine)
             return result
+
+    async def _in_savepoint(self, op: Callable[[Conn, list[Change]], Awaitable[T]],
+                            mine: list[Change]) -> T:
+        # The previous call's savepoint is released with this one taken: one round trip.
+        take = f"SAVEPOINT {_SAVEPOINT}"
+        if self._savepoint:
+            take = f"RELEASE SAVEPOINT {_SAVEPOINT}; {take}"
+        self._savepoint = False
+        await self._conn.execute(take)
+        self._savepoint = True
+        try:
+            return await op(self._conn, mine)
+        except BaseException:
+            self._savepoint = False
+            await self._conn.execute(
+                f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}; RELEASE SAVEPOINT {_SAVEPOINT}"
+            )
+            raise
+
+    async def _first(self, op: Callable[[Conn, list[Change]], Awaitable[T]],
+                     mine: list[Change]) -> T:
+        # Nothing to protect yet: no SAVEPOINT. If the call raises, the transaction (which
+        # may be aborted now) is rolled back and a new one begun: as empty as before.
+        try:
+            return await op(self._conn, mine)
+        except BaseException:
+            tr, self.tr = self.tr, None
+            await tr.rollback()
+            again = self._conn.transaction()
+            await again.start()
+            self.tr = again
+            raise
 
     async def _plain(self, op: Callable[[Conn], Awaitable[T]]) -> T:
         return await self._write(lambda c, _log: op(c))
@@ -376,6 +432,7 @@ class PostgresStore:
                 max_size=self._max,
                 timeout=self._timeout,
                 server_settings=SERVER_SETTINGS,
+                reset=_keep_session,
             )
         except _ERRORS as e:
             # The DSN may hold a password: say which server, not the DSN.
@@ -502,36 +559,34 @@ class PostgresStore:
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[WriteTx]:
         conn = await self._acquire()
-        tx = PgWriteTx(conn)
         try:
             tr = conn.transaction()  # READ COMMITTED; row locks where values are allocated
             try:
                 await tr.start()
             except _ERRORS as e:
                 raise convert(e, "starting a write transaction") from e
+            tx = PgWriteTx(conn, tr)
             self.stats.write_transactions += 1
             try:
                 yield tx
             except BaseException:
                 tx.active = False
-                try:
-                    await tr.rollback()
-                except _ERRORS:
-                    log.warning("store.postgres.rollback_failed")
+                await _rollback(tx.tr)
                 raise
             # Wait for a call still running (a caller that did not await it) to finish.
             async with tx._lock:
                 tx.active = False
+            if tx.tr is None:
+                # A call raised and the transaction could not be begun again.
+                raise StorageError(StorageErrorKind.TEMP, "the transaction was lost")
+            tr = tx.tr
             if tx.changes:
                 # Inside the transaction: the other nodes hear of it only if it commits.
                 try:
                     for payload in encode(self.node, tx.changes):
                         await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
                 except BaseException as e:
-                    try:
-                        await tr.rollback()
-                    except _ERRORS:
-                        log.warning("store.postgres.rollback_failed")
+                    await _rollback(tr)
                     if isinstance(e, _ERRORS):
                         raise convert(e, "NOTIFY") from e
                     raise
@@ -547,3 +602,13 @@ class PostgresStore:
             await self._release(conn)
         # After COMMIT only: subscribers never hear about a change they cannot read yet.
         self._feed.publish(tx.changes)
+
+
+async def _rollback(tr: Any) -> None:
+    """Roll back a write transaction's top-level transaction, if it still has one."""
+    if tr is None:
+        return
+    try:
+        await tr.rollback()
+    except _ERRORS:
+        log.warning("store.postgres.rollback_failed")
