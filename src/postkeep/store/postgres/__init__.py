@@ -8,7 +8,8 @@ LISTEN/NOTIFY), ``store`` (transactions, error translation, the ``Store`` itself
 
 Invariants:
 - ``async with store.write()`` returns only after its COMMIT returned, with
-  ``synchronous_commit = on``; each changing call has its own SAVEPOINT.
+  ``synchronous_commit = on``; a changing call that raises leaves the transaction as it
+  was (a SAVEPOINT per call after the first; the first one restarts the empty transaction).
 - Values read and then written (UIDNEXT, HIGHESTMODSEQ, UIDVALIDITY, leases, locks) are
   read under a row lock or changed by one ``UPDATE … RETURNING``, so several nodes
   writing at once keep the store's invariants.
