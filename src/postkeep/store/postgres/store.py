@@ -1,29 +1,34 @@
 """``PostgresStore``: the ``Store`` on PostgreSQL through an asyncpg connection pool.
 
-A write transaction is one PostgreSQL transaction (READ COMMITTED, with row locks where
-a value is read and then written: mailbox rows for UIDs and modseqs, ``FOR UPDATE SKIP
-LOCKED`` for queue claims). A changing call that raises leaves the transaction as it was
-and the caller may go on: the first changing call of a transaction that has changed
-nothing yet runs without a SAVEPOINT (if it raises, the empty transaction is rolled back
-and begun again, which is the same state), every later one in a SAVEPOINT of its own.
-A SAVEPOINT is released only when the next one is taken (``RELEASE …; SAVEPOINT …`` in
-one round trip) or by the COMMIT. A read transaction is a REPEATABLE READ, READ ONLY
-snapshot.
+A write transaction (``async with store.write()``, a *block*) runs in a PostgreSQL
+transaction (READ COMMITTED, with row locks where a value is read and then written:
+mailbox rows for UIDs and modseqs, ``FOR UPDATE SKIP LOCKED`` for queue claims) that
+blocks ready at the same moment share, with one COMMIT: group commit (``batch.py``). Each
+block after the first of a transaction runs in a SAVEPOINT of its own, so a block that
+raises is undone alone. A changing call that raises leaves its block as it was and the
+caller may go on: the first changing call in a transaction that holds no work yet runs
+without a SAVEPOINT (if it raises, the empty transaction is rolled back and begun again),
+every later one in a SAVEPOINT of its own. A SAVEPOINT is released only when the next one
+is taken (``RELEASE …; SAVEPOINT …`` in one round trip) or by the COMMIT. A read
+transaction is a REPEATABLE READ, READ ONLY snapshot.
 
 Invariants:
 - ``async with store.write()`` returns only after COMMIT returned, with
   ``synchronous_commit = on`` set on every connection: the COMMIT is in the server's
   durable WAL (and on synchronous standbys, if the operator configured any) before the
-  caller may acknowledge anything. A COMMIT whose outcome is unknown (the connection
-  dropped) raises TEMP: the sender retries, so a message may arrive twice, never zero times.
+  caller may acknowledge anything. A COMMIT that failed or whose outcome is unknown (the
+  connection dropped) raises TEMP in every block it carried: the sender retries, so a
+  message may arrive twice, never zero times.
 - Changes are published on ``store.changes`` after COMMIT, never for a rolled-back
   transaction or a call that raised: locally right after the COMMIT, and to the other
   nodes by a NOTIFY sent inside the transaction (delivered only if it commits). Each node
   LISTENs on one extra connection and feeds what other nodes did into its
   ``LocalChangeFeed`` (``notify.py``). While that connection is down (it is reopened),
   other nodes' changes are not heard; sessions still see them when they next read.
-- One transaction is one pooled connection; its calls are serialised by a lock (asyncpg
-  runs one query at a time per connection). A transaction object is dead after its block.
+- One batch is one pooled connection; its blocks take turns and each block's calls are
+  serialised by a lock (asyncpg runs one query at a time per connection). A write block
+  must await only the store (as with SQLite's writer): a slow block stalls its batch.
+  A transaction object is dead after its block.
 - Pooled connections keep no session state (no SET, LISTEN, session advisory lock or
   cursor outside a transaction: LISTEN has its own connection, the migration lock is
   transaction-level), so the pool returns a connection without asyncpg's reset query
@@ -35,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -72,6 +76,13 @@ from postkeep.store.api import (
 )
 from postkeep.store.feed import DEFAULT_BACKLOG, LocalChangeFeed
 from postkeep.store.postgres import ops
+from postkeep.store.postgres.batch import (
+    DEFAULT_BATCH_CAP,
+    DEFAULT_BATCH_WINDOW,
+    Batch,
+    Batcher,
+    Block,
+)
 from postkeep.store.postgres.migrate import migrate
 from postkeep.store.postgres.notify import CHANNEL, decode, encode
 
@@ -104,8 +115,6 @@ def convert(e: BaseException, doing: str = "") -> StorageError:
 
 
 _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
-#: The name of the SAVEPOINT a changing call runs in (asyncpg's own are ``__asyncpg_…``).
-_SAVEPOINT = "pk_call"
 
 
 async def _keep_session(_conn: Conn) -> None:
@@ -189,18 +198,16 @@ class PgReadTx:
 
 
 class PgWriteTx(PgReadTx):
-    """Implements ``postkeep.store.api.WriteTx``; reads see this transaction's own changes."""
+    """Implements ``postkeep.store.api.WriteTx``; reads see this transaction's own changes
+    (and those of the blocks before it in its batch)."""
 
-    __slots__ = ("_changed", "_savepoint", "changes", "tr")
+    __slots__ = ("_block", "changes")
 
-    def __init__(self, conn: Conn, tr: Any) -> None:
-        super().__init__(conn)
+    def __init__(self, block: Block) -> None:
+        super().__init__(block.batch.conn)
         #: What this transaction did to mailboxes, for ``store.changes`` after the COMMIT.
         self.changes: list[Change] = []
-        #: The started top-level ``asyncpg`` transaction; ``None`` once it cannot go on.
-        self.tr: Any = tr
-        self._changed = False  # a changing call has returned: the transaction holds work
-        self._savepoint = False  # SAVEPOINT _SAVEPOINT is open (not yet released)
+        self._block = block
 
     async def _write(self, op: Callable[[Conn, list[Change]], Awaitable[T]]) -> T:
         """Run a changing operation so that, if it raises, the transaction is as it was;
@@ -208,51 +215,13 @@ class PgWriteTx(PgReadTx):
         async with self._lock:
             if not self.active:
                 raise RuntimeError("this transaction has ended")
-            if self.tr is None:
-                raise StorageError(StorageErrorKind.TEMP, "the transaction was lost")
             mine: list[Change] = []
             try:
-                if self._changed:
-                    result = await self._in_savepoint(op, mine)
-                else:
-                    result = await self._first(op, mine)
+                result = await self._block.call(lambda c: op(c, mine))
             except _ERRORS as e:
                 raise convert(e) from e
-            self._changed = True
             self.changes.extend(mine)
             return result
-
-    async def _in_savepoint(self, op: Callable[[Conn, list[Change]], Awaitable[T]],
-                            mine: list[Change]) -> T:
-        # The previous call's savepoint is released with this one taken: one round trip.
-        take = f"SAVEPOINT {_SAVEPOINT}"
-        if self._savepoint:
-            take = f"RELEASE SAVEPOINT {_SAVEPOINT}; {take}"
-        self._savepoint = False
-        await self._conn.execute(take)
-        self._savepoint = True
-        try:
-            return await op(self._conn, mine)
-        except BaseException:
-            self._savepoint = False
-            await self._conn.execute(
-                f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}; RELEASE SAVEPOINT {_SAVEPOINT}"
-            )
-            raise
-
-    async def _first(self, op: Callable[[Conn, list[Change]], Awaitable[T]],
-                     mine: list[Change]) -> T:
-        # Nothing to protect yet: no SAVEPOINT. If the call raises, the transaction (which
-        # may be aborted now) is rolled back and a new one begun: as empty as before.
-        try:
-            return await op(self._conn, mine)
-        except BaseException:
-            tr, self.tr = self.tr, None
-            await tr.rollback()
-            again = self._conn.transaction()
-            await again.start()
-            self.tr = again
-            raise
 
     async def _plain(self, op: Callable[[Conn], Awaitable[T]]) -> T:
         return await self._write(lambda c, _log: op(c))
@@ -401,9 +370,18 @@ class PostgresStore:
         max_connections: int = 10,
         connect_timeout: float = 10.0,
         change_backlog: int = DEFAULT_BACKLOG,
+        batch_cap: int = DEFAULT_BATCH_CAP,
+        batch_window: float = DEFAULT_BATCH_WINDOW,
     ) -> None:
         if not 1 <= min_connections <= max_connections:
             raise ValueError("need 1 <= min_connections <= max_connections")
+        if batch_cap < 1:
+            raise ValueError("batch_cap must be at least 1")
+        #: Most write blocks one COMMIT carries (1: every block commits alone), and the
+        #: longest a batch stays open while blocks still join it (``batch.py``).
+        self._batch_cap = batch_cap
+        self._batch_window = batch_window
+        self._batcher: Batcher | None = None
         self._dsn = dsn
         self._min = min_connections
         self._max = max_connections
@@ -447,6 +425,9 @@ class PostgresStore:
                 raise convert(e, "migrating the schema") from e
             raise
         self._pool = pool
+        self._batcher = Batcher(acquire=self._acquire, release=self._release,
+                                commit=self._commit, stats=self.stats,
+                                batch_cap=self._batch_cap, batch_window=self._batch_window)
         try:
             await self._listen()
         except _ERRORS as e:
@@ -465,6 +446,8 @@ class PostgresStore:
             self._listen_task.cancel()
             await asyncio.gather(self._listen_task, return_exceptions=True)
         await self._unlisten()
+        if self._batcher is not None:
+            await self._batcher.close()  # admitted blocks and their COMMIT first
         self._feed.close()
         if was_open and self._pool is not None:
             # Waits for every acquired connection (every open transaction) to come back.
@@ -558,57 +541,37 @@ class PostgresStore:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[WriteTx]:
-        conn = await self._acquire()
+        batcher = self._batcher
+        if batcher is None:
+            raise StorageError(StorageErrorKind.TEMP, "the store is closed or not open")
+        # A write() inside a block of this task would wait for its own turn: it runs alone.
+        batch, token = await batcher.begin(alone=self._batch_cap == 1 or batcher.nested())
+        block = Block(batch)
+        tx = PgWriteTx(block)
         try:
-            tr = conn.transaction()  # READ COMMITTED; row locks where values are allocated
-            try:
-                await tr.start()
-            except _ERRORS as e:
-                raise convert(e, "starting a write transaction") from e
-            tx = PgWriteTx(conn, tr)
-            self.stats.write_transactions += 1
-            try:
-                yield tx
-            except BaseException:
-                tx.active = False
-                await _rollback(tx.tr)
-                raise
-            # Wait for a call still running (a caller that did not await it) to finish.
-            async with tx._lock:
-                tx.active = False
-            if tx.tr is None:
-                # A call raised and the transaction could not be begun again.
-                raise StorageError(StorageErrorKind.TEMP, "the transaction was lost")
-            tr = tx.tr
-            if tx.changes:
-                # Inside the transaction: the other nodes hear of it only if it commits.
+            yield tx
+        except BaseException:
+            tx.active = False
+            await batcher.end(block, token, failed=True, wait_for=tx._lock, changes=())
+            raise
+        tx.active = False
+        await batcher.end(block, token, failed=False, wait_for=tx._lock, changes=tx.changes)
+
+    async def _commit(self, batch: Batch) -> None:
+        """NOTIFY the batch's changes and COMMIT; publish them locally after the COMMIT."""
+        conn = batch.conn
+        try:
+            # Inside the transaction: the other nodes hear of it only if it commits.
+            for payload in encode(self.node, batch.changes):
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
+            await batch.tr.commit()
+        except _ERRORS as e:
+            # Refused or outcome unknown: no member may acknowledge.
+            if not conn.is_closed() and conn.is_in_transaction():
                 try:
-                    for payload in encode(self.node, tx.changes):
-                        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
-                except BaseException as e:
-                    await _rollback(tr)
-                    if isinstance(e, _ERRORS):
-                        raise convert(e, "NOTIFY") from e
-                    raise
-            started = time.perf_counter()
-            try:
-                await tr.commit()
-            except _ERRORS as e:
-                # Outcome unknown or refused: the caller must not acknowledge.
-                raise convert(e, "COMMIT") from e
-            self.stats.commits += 1
-            self.stats.commit_seconds += time.perf_counter() - started
-        finally:
-            await self._release(conn)
+                    await batch.tr.rollback()
+                except _ERRORS:
+                    log.warning("store.postgres.rollback_failed")
+            raise convert(e, "COMMIT") from e
         # After COMMIT only: subscribers never hear about a change they cannot read yet.
-        self._feed.publish(tx.changes)
-
-
-async def _rollback(tr: Any) -> None:
-    """Roll back a write transaction's top-level transaction, if it still has one."""
-    if tr is None:
-        return
-    try:
-        await tr.rollback()
-    except _ERRORS:
-        log.warning("store.postgres.rollback_failed")
+        self._feed.publish(batch.changes)
