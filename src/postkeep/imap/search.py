@@ -1,17 +1,23 @@
 """IMAP SEARCH: evaluate a parsed search-key tree over the selected mailbox (RFC 3501 §6.4.4).
 
-``grammar.py`` turns ``SEARCH …`` into a tree of ``Search*`` keys; :func:`evaluate` answers
-which messages match. The session gives it the whole selected mailbox as
-:class:`Candidate` rows (metadata it already holds) and a ``load(uid)`` coroutine that
-returns a message's stored bytes; the text helpers of ``mail/mime.py`` decode them.
+``grammar.py`` turns ``SEARCH …`` into a tree of ``Search*`` keys; :func:`search_mailbox`
+answers which messages of the selected mailbox match. It reads the mailbox through a
+:class:`Source` one bounded chunk at a time: :class:`Candidate` rows (metadata), then, for
+the messages metadata leaves open, their header sections, then whole messages, each in
+batches the source may serve from one read transaction. :func:`evaluate` is the same
+over a list of candidates and a ``load(uid)`` coroutine. The text helpers of
+``mail/mime.py`` decode what is loaded.
 
-Evaluation is two-pass per message, with three-valued logic (Kleene: ``None`` = "needs the
-message content"): first every key that metadata answers (flags, size, dates, sequence
-numbers, UIDs, MODSEQ, RECENT); only when that leaves the result open is the message
-loaded, once, and the tree evaluated again with its text. So ``SEEN`` never loads
-anything, and ``UNSEEN SUBJECT x`` or ``OR FLAGGED BODY x`` load only the messages whose
-flags do not already decide. Inside an AND, children run cheapest first (metadata,
-then header fields and SENT*, then BODY/TEXT), and AND/OR stop at the first deciding child.
+Evaluation is staged per message, with three-valued logic (Kleene: ``None`` = "needs
+more of the message"): first every key that metadata answers (flags, size, dates,
+sequence numbers, UIDs, MODSEQ, RECENT); when that leaves the result open and the tree
+has header keys (BCC, CC, FROM, SUBJECT, TO, HEADER, SENT*), the header section alone is
+loaded and the tree evaluated with it; only what is still open (BODY/TEXT) is loaded
+whole, with the analysis stored at ingest so that MIME is not parsed again. So ``SEEN``
+never loads anything, ``SUBJECT x`` reads only header sections, and ``UNSEEN SUBJECT x``
+or ``OR FLAGGED BODY x`` load only the messages whose flags do not already decide. Inside
+an AND, children run cheapest first (metadata, then header fields and SENT*, then
+BODY/TEXT), and AND/OR stop at the first deciding child.
 
 Semantics (RFC 3501 §6.4.4, RFC 9051 §6.4.4, RFC 7162 §3.1.5) and our choices:
 
@@ -48,9 +54,16 @@ Semantics (RFC 3501 §6.4.4, RFC 9051 §6.4.4, RFC 7162 §3.1.5) and our choices
 
 Invariants:
 
-- ``load`` is called only for messages whose result the metadata keys leave open, at
-  most once per message per :func:`evaluate` call; a message's bytes and decoded text
-  are kept only while that message is being evaluated, so memory stays at one message.
+- A message is loaded only when the metadata keys leave its result open, its header
+  section only when the tree has header keys, and the whole message only when the header
+  keys leave it open; each at most once per search (``evaluate``'s ``load`` at most once
+  per message). A header section is the first :data:`HEADER_PROBE` octets, or up to
+  :data:`HEADER_CAP` when they hold no end of the header (:func:`header_complete`): what
+  ``mime.decoded_header`` parses of it is the same as of the whole message.
+- Memory is bounded by the batch, not the mailbox: :data:`CHUNK` candidates at a time,
+  and loaded bytes of at most :data:`LOAD_COUNT` messages and :data:`LOAD_BYTES` octets
+  per batch (or one message, if it alone is larger); decoded text lives only while its
+  message is evaluated.
 - Work is bounded: metadata keys cost O(tree) per message (sequence sets are resolved
   once and looked up by bisection); each text key costs one linear substring search
   (CPython's two-way/adaptive search, never quadratic) over at most :data:`TEXT_LIMIT`
@@ -58,8 +71,8 @@ Invariants:
 - The result is the UIDs of the matching candidates in candidate (sequence) order.
 - Any tree of grammar ``Search*`` keys evaluates without raising; only ``load``'s own
   exceptions (e.g. a ``StorageError`` for a message expunged meanwhile) propagate.
-- No I/O here besides ``load``; the event loop gets a turn every :data:`YIELD_EVERY`
-  messages of a long metadata-only search.
+- No I/O here besides the source's (or ``load``'s); the event loop gets a turn after every
+  loaded batch, and every :data:`YIELD_EVERY` messages of a long metadata-only search.
 """
 
 from __future__ import annotations
@@ -67,10 +80,11 @@ from __future__ import annotations
 import asyncio
 import unicodedata
 from bisect import bisect_right
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from enum import IntEnum
+from typing import Protocol
 
 from postkeep.imap.grammar import (
     SUPPORTED_CHARSETS,
@@ -93,14 +107,47 @@ from postkeep.imap.grammar import (
     SearchUid,
 )
 from postkeep.imap.seqset import SequenceSet
-from postkeep.mail.mime import decoded_header, header_date, text_for_search
+from postkeep.mail.mime import (
+    MAX_HEADER_PARSE,
+    Analysis,
+    decoded_header,
+    header_date,
+    text_for_search,
+)
 
-__all__ = ["TEXT_LIMIT", "YIELD_EVERY", "Candidate", "Loader", "evaluate", "fold"]
+__all__ = [
+    "CHUNK",
+    "HEADER_CAP",
+    "HEADER_PROBE",
+    "LOAD_BYTES",
+    "LOAD_COUNT",
+    "TEXT_LIMIT",
+    "YIELD_EVERY",
+    "Candidate",
+    "Loaded",
+    "Loader",
+    "Source",
+    "evaluate",
+    "fold",
+    "header_complete",
+    "search_mailbox",
+]
 
 #: At most this many decoded characters of a message are searched by BODY/TEXT.
 TEXT_LIMIT = 4_000_000
 #: A metadata-only search gives the event loop a turn after this many messages.
 YIELD_EVERY = 2048
+#: Candidates asked of a :class:`Source` at a time.
+CHUNK = 1000
+#: A batch of loaded messages holds at most this many messages …
+LOAD_COUNT = 256
+#: … and this many octets (a single larger message is a batch of its own).
+LOAD_BYTES = 8 << 20
+#: The first read of a header section: enough for nearly every real header.
+HEADER_PROBE = 16 << 10
+#: The most of a message a header section can need: ``mime`` parses header fields in the
+#: first MAX_HEADER_PARSE octets, and the blank line ending them may end 2 octets later.
+HEADER_CAP = MAX_HEADER_PARSE + 2
 
 #: RFC 3501 §2.3.2 system flags, by lower-case name → canonical spelling.
 _SYSTEM_FLAGS = {
@@ -108,6 +155,31 @@ _SYSTEM_FLAGS = {
 }
 
 Loader = Callable[[int], Awaitable[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A whole message as stored, and the MIME analysis stored with it (if any)."""
+
+    data: bytes
+    analysis: Analysis | None = None
+
+
+class Source(Protocol):
+    """The selected mailbox, read a bounded batch at a time (see :func:`search_mailbox`).
+
+    A UID missing from an answer names a message expunged meanwhile: it is left out of
+    ``candidates`` and matches no text in ``headers`` and ``messages``.
+    """
+
+    async def candidates(self, present: Sequence[tuple[int, int]]) -> list[Candidate]:
+        """The rows of these ``(seq, uid)`` messages (at most :data:`CHUNK`), in order."""
+
+    async def headers(self, batch: Sequence[Candidate]) -> Mapping[int, bytes]:
+        """By UID, each message's first octets up to where :func:`header_complete` holds."""
+
+    async def messages(self, batch: Sequence[Candidate]) -> Mapping[int, Loaded]:
+        """By UID, each whole message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +193,21 @@ class Candidate:
     size: int  # RFC822.SIZE
     modseq: int
     recent: bool
+
+
+def header_complete(prefix: bytes, size: int) -> bool:
+    """Whether ``prefix``, the first octets of a ``size``-octet message, is all SEARCH needs
+    of its header section: the whole message, or an end of the header (a blank line, or
+    an empty first line, RFC 5322 §2.1), or :data:`HEADER_CAP` octets.
+
+    Then ``mime.decoded_header``/``header_date`` give the same on ``prefix`` as on the whole
+    message: they look for the first blank line and parse fields before it, within the
+    first ``MAX_HEADER_PARSE`` octets; the earliest blank line is found the same in any
+    prefix that contains it.
+    """
+    if len(prefix) >= size or len(prefix) >= HEADER_CAP:
+        return True
+    return prefix.startswith((b"\n", b"\r\n")) or b"\n\n" in prefix or b"\n\r\n" in prefix
 
 
 def fold(text: str) -> str:
@@ -290,12 +377,31 @@ class _Compiler:
 
 # -- one message's content -----------------------------------------------------------------
 class _Content:
-    """A loaded message and the text decoded from it so far (lazily, each kind once)."""
+    """A loaded message and the text decoded from it so far (lazily, each kind once).
 
-    __slots__ = ("_body", "_full", "_headers", "_sent", "_sent_known", "data")
+    ``whole`` False: ``data`` is only the header section (:func:`header_complete`), which
+    answers header keys and SENT*; BODY/TEXT stay open. ``analysis`` is the stored MIME
+    analysis of a whole ``data``, used when it describes exactly these octets.
+    """
 
-    def __init__(self, data: bytes) -> None:
+    __slots__ = (
+        "_body",
+        "_full",
+        "_headers",
+        "_sent",
+        "_sent_known",
+        "analysis",
+        "data",
+        "whole",
+    )
+
+    def __init__(
+        self, data: bytes, *, whole: bool = True, analysis: Analysis | None = None
+    ) -> None:
         self.data = data
+        self.whole = whole
+        root = None if analysis is None else analysis.parts.get("")
+        self.analysis = analysis if root is not None and root.end == len(data) else None
         self._headers: dict[str, list[str]] = {}
         self._body: str | None = None
         self._full: str | None = None
@@ -313,12 +419,20 @@ class _Content:
         if headers:
             if self._full is None:
                 self._full = fold(
-                    text_for_search(self.data, headers=True, body=True, limit=TEXT_LIMIT)
+                    text_for_search(
+                        self.data,
+                        headers=True,
+                        body=True,
+                        limit=TEXT_LIMIT,
+                        analysis=self.analysis,
+                    )
                 )
             return self._full
         if self._body is None:
             self._body = fold(
-                text_for_search(self.data, headers=False, body=True, limit=TEXT_LIMIT)
+                text_for_search(
+                    self.data, headers=False, body=True, limit=TEXT_LIMIT, analysis=self.analysis
+                )
             )
         return self._body
 
@@ -384,7 +498,7 @@ def _match(node: _Node, c: Candidate, content: _Content | None) -> bool | None:
                 return bool(values)  # RFC 3501 §6.4.4: HEADER name "" = has the field
             return any(needle in v for v in values)
         case _Text(needle=needle, headers=headers):
-            if content is None:
+            if content is None or not content.whole:
                 return None
             return needle in content.text(headers=headers)
         case _Not(child=child):
@@ -410,7 +524,141 @@ def _match(node: _Node, c: Candidate, content: _Content | None) -> bool | None:
     raise TypeError(f"unknown node {type(node).__name__}")  # pragma: no cover
 
 
-# -- entry point ---------------------------------------------------------------------------
+# -- staged evaluation ---------------------------------------------------------------------
+HeaderLoad = Callable[[Sequence[Candidate]], Awaitable[Mapping[int, bytes]]]
+MessageLoad = Callable[[Sequence[Candidate]], Awaitable[Mapping[int, Loaded]]]
+
+
+def _has_header_key(node: _Node) -> bool:
+    match node:
+        case _Header() | _Date(sent=True):
+            return True
+        case _Not(child=child):
+            return _has_header_key(child)
+        case _Or(left=left, right=right):
+            return _has_header_key(left) or _has_header_key(right)
+        case _And(children=children):
+            return any(_has_header_key(child) for child in children)
+    return False
+
+
+def _batches(cands: Sequence[Candidate], cap: int | None = None) -> list[list[Candidate]]:
+    """``cands`` cut into runs of at most LOAD_COUNT messages and LOAD_BYTES octets, each
+    message counted as its size, or ``cap`` if smaller (a larger one is a batch alone)."""
+    out: list[list[Candidate]] = []
+    batch: list[Candidate] = []
+    octets = 0
+    for c in cands:
+        weight = c.size if cap is None else min(c.size, cap)
+        if batch and (len(batch) >= LOAD_COUNT or octets + weight > LOAD_BYTES):
+            out.append(batch)
+            batch, octets = [], 0
+        batch.append(c)
+        octets += weight
+    if batch:
+        out.append(batch)
+    return out
+
+
+class _Evaluator:
+    """Decides one chunk of candidates after another, loading only what stays open."""
+
+    __slots__ = ("_headers", "_messages", "_node", "_since_yield")
+
+    def __init__(self, node: _Node, headers: HeaderLoad | None, messages: MessageLoad) -> None:
+        self._node = node
+        # The header stage pays only when header keys can decide before BODY/TEXT.
+        self._headers = headers if _has_header_key(node) else None
+        self._messages = messages
+        self._since_yield = 0
+
+    async def chunk(self, cands: Sequence[Candidate]) -> list[Candidate]:
+        """The matching candidates of ``cands``, in order."""
+        node = self._node
+        if isinstance(node, _Const):
+            return list(cands) if node.value else []
+        decided: dict[int, bool] = {}
+        open_: list[Candidate] = []
+        for c in cands:
+            result = _match(node, c, None)
+            if result is None:
+                open_.append(c)
+            else:
+                decided[c.uid] = result
+        if not open_:
+            self._since_yield += len(cands)
+            if self._since_yield >= YIELD_EVERY:
+                self._since_yield = 0
+                await asyncio.sleep(0)
+        if open_ and self._headers is not None:
+            still: list[Candidate] = []
+            for batch in _batches(open_, HEADER_CAP):
+                heads = await self._headers(batch)
+                for c in batch:
+                    result = _match(node, c, _Content(heads.get(c.uid, b""), whole=False))
+                    if result is None:
+                        still.append(c)
+                    else:
+                        decided[c.uid] = result
+                await self._turn()
+            open_ = still
+        for batch in _batches(open_):
+            whole = await self._messages(batch)
+            for c in batch:
+                loaded = whole.get(c.uid)
+                content = (
+                    _Content(b"")
+                    if loaded is None
+                    else _Content(loaded.data, analysis=loaded.analysis)
+                )
+                decided[c.uid] = _match(node, c, content) is True
+            await self._turn()
+        return [c for c in cands if decided[c.uid]]
+
+    async def _turn(self) -> None:
+        # The loads may all have been answered without a real wait (cached, or a fast
+        # thread): give other sessions a turn after each batch of decoding anyway.
+        self._since_yield = 0
+        await asyncio.sleep(0)
+
+
+def _compile(key: SearchKey, max_seq: int, max_uid: int, charset: str) -> _Node:
+    if charset.upper() not in SUPPORTED_CHARSETS:
+        raise ValueError(f"unsupported SEARCH charset {charset!r}")
+    return _Compiler(max_seq, max_uid).compile(key)
+
+
+# -- entry points --------------------------------------------------------------------------
+async def search_mailbox(
+    key: SearchKey,
+    present: Sequence[tuple[int, int]],
+    source: Source,
+    *,
+    charset: str = "UTF-8",
+) -> list[Candidate]:
+    """The candidates of ``present`` that ``key`` matches, in sequence order.
+
+    ``present`` is the selected mailbox as the client knows it, ``(seq, uid)`` in sequence
+    order (so that ``*`` means its last message); ``source`` is asked for
+    :data:`CHUNK` of them at a time, then for the header sections and whole messages of
+    those the cheaper keys leave open (see the module docstring).
+    """
+    if not present:
+        _compile(key, 0, 0, charset)  # an unsupported charset is refused all the same
+        return []
+    max_seq = max(seq for seq, _ in present)
+    max_uid = max(uid for _, uid in present)
+    node = _compile(key, max_seq, max_uid, charset)
+    if isinstance(node, _Const) and not node.value:
+        return []
+    evaluator = _Evaluator(node, source.headers, source.messages)
+    out: list[Candidate] = []
+    for start in range(0, len(present), CHUNK):
+        cands = await source.candidates(present[start : start + CHUNK])
+        out.extend(await evaluator.chunk(cands))
+    return out
+
+
 async def evaluate(
     key: SearchKey,
     candidates: Sequence[Candidate],
@@ -424,29 +672,20 @@ async def evaluate(
     the last message); ``load(uid)`` returns a message's stored bytes and is awaited only
     for messages whose metadata leaves the result open, at most once each.
     """
-    if charset.upper() not in SUPPORTED_CHARSETS:
-        raise ValueError(f"unsupported SEARCH charset {charset!r}")
     if not candidates:
+        _compile(key, 0, 0, charset)
         return []
     max_seq = max(c.seq for c in candidates)
     max_uid = max(c.uid for c in candidates)
-    node = _Compiler(max_seq, max_uid).compile(key)
-    if isinstance(node, _Const):
-        return [c.uid for c in candidates] if node.value else []
+    node = _compile(key, max_seq, max_uid, charset)
+
+    async def messages(batch: Sequence[Candidate]) -> Mapping[int, Loaded]:
+        return {c.uid: Loaded(await load(c.uid)) for c in batch}
+
+    # One load per message: no separate header stage.
+    evaluator = _Evaluator(node, None, messages)
     out: list[int] = []
-    since_yield = 0
-    for c in candidates:
-        result = _match(node, c, None)
-        if result is None:
-            # The metadata keys leave it open: load once, decide with the text.
-            content = _Content(await load(c.uid))
-            result = _match(node, c, content)
-            since_yield = 0
-        else:
-            since_yield += 1
-            if since_yield >= YIELD_EVERY:
-                since_yield = 0
-                await asyncio.sleep(0)
-        if result:
-            out.append(c.uid)
+    for start in range(0, len(candidates), CHUNK):
+        matched = await evaluator.chunk(candidates[start : start + CHUNK])
+        out.extend(c.uid for c in matched)
     return out

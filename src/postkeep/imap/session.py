@@ -55,6 +55,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -68,6 +69,7 @@ from typing import BinaryIO, Final, cast
 from postkeep import log
 from postkeep.auth.service import Authenticator, LoginResult, Outcome
 from postkeep.imap import responses as r
+from postkeep.imap import search
 from postkeep.imap.grammar import (
     Append,
     Authenticate,
@@ -138,7 +140,7 @@ from postkeep.imap.responses import (
     Untagged,
     Value,
 )
-from postkeep.imap.search import Candidate, evaluate
+from postkeep.imap.search import Candidate, Loaded
 from postkeep.imap.selected import RecentClaims, Report, SelectedMailbox
 from postkeep.imap.seqset import SequenceSet
 from postkeep.ingest import Ingest
@@ -832,32 +834,16 @@ class ImapSession:
     async def _search(self, cmd: Search, emit: Emit) -> Reply:
         sel = self._sel()
         present = [(i + 1, u) for i, u in enumerate(sel.uids) if u not in sel.gone]
-        async with self.store.read() as tx:
-            found = await tx.messages(sel.mailbox_id, [u for _, u in present])
-        rows = {row.uid: row for row in found}
-        candidates = [
-            Candidate(
-                seq, uid, row.flags, row.internal_date, row.size, row.modseq, uid in sel.recent
-            )
-            for seq, uid in present
-            if (row := rows.get(uid)) is not None
-        ]
-
-        async def load(uid: int) -> bytes:
-            try:
-                async with self.store.read() as tx:
-                    return await tx.read_blob(rows[uid].blob)
-            except StorageError as exc:
-                if exc.kind is StorageErrorKind.NOT_FOUND:
-                    return b""  # expunged meanwhile: it matches no text
-                raise
-
-        matched = await evaluate(cmd.key, candidates, load, charset=cmd.charset or "UTF-8")
+        source = _SearchSource(self.store, sel.mailbox_id, sel.recent)
+        found = await search.search_mailbox(
+            cmd.key, present, source, charset=cmd.charset or "UTF-8"
+        )
+        matched = [c.uid for c in found]
         with_modseq = _uses_modseq(cmd.key)
         if with_modseq:
             self.condstore = True  # RFC 7162 §3.1.5
         numbers = matched if cmd.uid else [sel.seq_of(u) or 0 for u in matched]
-        modseq = max((rows[u].modseq for u in matched), default=0) if with_modseq else 0
+        modseq = max((c.modseq for c in found), default=0) if with_modseq else 0
         if cmd.returns is None:
             items: list[Value] = [Atom("SEARCH"), *numbers]
             if modseq:
@@ -1231,6 +1217,93 @@ def _sets_seen(item: FetchItem) -> bool:
     if isinstance(item, BodySection):
         return not item.peek
     return item in (FetchAtt.RFC822, FetchAtt.RFC822_TEXT)
+
+
+class _SearchSource:
+    """``search.Source`` over the store: one read transaction per chunk or batch.
+
+    A transaction per batch (not per message, not per search) amortises its cost over
+    hundreds of messages without holding a reader, or a snapshot, for the whole of a long
+    search. The blob reads of a batch are issued together on its transaction, which
+    serves them in order (so they queue in the reader instead of each waiting for the
+    event loop). Only the current chunk's blob references and stored analyses are kept.
+    """
+
+    __slots__ = ("_blobs", "_mailbox_id", "_recent", "_store", "_structures")
+
+    def __init__(
+        self, store: store_api.Store, mailbox_id: store_api.MailboxId, recent: set[Uid]
+    ) -> None:
+        self._store = store
+        self._mailbox_id = mailbox_id
+        self._recent = recent
+        self._blobs: dict[Uid, store_api.BlobRef] = {}
+        self._structures: dict[Uid, str | None] = {}
+
+    async def candidates(self, present: Sequence[tuple[int, Uid]]) -> list[Candidate]:
+        async with self._store.read() as tx:
+            rows = await tx.messages(self._mailbox_id, [u for _, u in present])
+        by_uid = {row.uid: row for row in rows}
+        self._blobs = {row.uid: row.blob for row in rows}
+        self._structures = {row.uid: row.bodystructure for row in rows}
+        return [
+            Candidate(
+                seq, uid, row.flags, row.internal_date, row.size, row.modseq, uid in self._recent
+            )
+            for seq, uid in present
+            if (row := by_uid.get(uid)) is not None  # None: expunged meanwhile
+        ]
+
+    async def headers(self, batch: Sequence[Candidate]) -> Mapping[int, bytes]:
+        async with self._store.read() as tx:
+
+            async def one(uid: Uid) -> bytes:
+                ref = self._blobs[uid]
+                data = await tx.read_blob(ref, 0, min(ref.size, search.HEADER_PROBE))
+                if not search.header_complete(data, ref.size):  # a long header: the rest
+                    data = await tx.read_blob(ref, 0, min(ref.size, search.HEADER_CAP))
+                return data
+
+            return await _gather_blobs([c.uid for c in batch], one)
+
+    async def messages(self, batch: Sequence[Candidate]) -> Mapping[int, Loaded]:
+        async with self._store.read() as tx:
+
+            async def one(uid: Uid) -> bytes:
+                return await tx.read_blob(self._blobs[uid])
+
+            data = await _gather_blobs([c.uid for c in batch], one)
+        return {
+            uid: Loaded(octets, _stored_analysis(self._structures[uid]))
+            for uid, octets in data.items()
+        }
+
+
+async def _gather_blobs(
+    uids: Sequence[Uid], read: Callable[[Uid], Awaitable[bytes]]
+) -> dict[Uid, bytes]:
+    """``read(uid)`` for every UID at once (on one transaction); a message expunged
+    meanwhile is left out. Every read has ended before this returns or raises, so the
+    transaction outlives them all; the first unexpected error is raised."""
+    results = await asyncio.gather(*(read(u) for u in uids), return_exceptions=True)
+    out: dict[Uid, bytes] = {}
+    for uid, result in zip(uids, results, strict=True):
+        if isinstance(result, BaseException):
+            if isinstance(result, StorageError) and result.kind is StorageErrorKind.NOT_FOUND:
+                continue
+            raise result
+        out[uid] = result
+    return out
+
+
+def _stored_analysis(structure: str | None) -> mime.Analysis | None:
+    """The analysis stored at ingest, for BODY/TEXT; None (analyse again) if unusable."""
+    if structure is None:
+        return None
+    try:
+        return mime.Analysis.from_json(structure)
+    except ValueError:
+        return None
 
 
 def _uses_modseq(key: SearchKey) -> bool:
