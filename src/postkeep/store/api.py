@@ -308,6 +308,29 @@ class ReadTx(Protocol):
     async def read_blob(
         self, ref: BlobRef, offset: int = 0, length: int | None = None
     ) -> bytes: ...
+    async def read_blobs(
+        self, refs: Sequence[BlobRef], length: int | None = None
+    ) -> dict[int, bytes]:
+        """The bytes of many blobs at once (the first ``length`` bytes of each for a
+        number), keyed by blob id; NOT_FOUND if any is missing (same rules as
+        ``read_blob``).
+
+        - Only ``ref.id`` is looked at, as by ``read_blob``: each value is the stored
+          blob's bytes, whatever ``ref.size`` says.
+        - A blob named more than once (duplicate ids) is one key, read once; no refs is
+          ``{}``.
+        - ``length`` larger than a blob gives the whole blob; 0 gives ``b""`` for each
+          (the blobs must still exist); a negative ``length`` is a ``ValueError``, raised
+          before the store is asked.
+        - NOT_FOUND (naming the missing ids) if any blob does not exist or was freed; no
+          partial answer.
+        - Every value is in memory at once: the caller bounds a call, by the number of
+          refs and by their sizes or ``length`` (IMAP SEARCH passes its load batches).
+          One call costs the backend one query (PostgreSQL) or one trip to a reader
+          thread (SQLite), not one per blob.
+        """
+        ...
+
     # outbound
     async def outbound(self, limit: int = 100) -> list[OutboundRow]: ...
     async def queue_entries(self, limit: int = 100) -> list[QueueEntry]:

@@ -328,6 +328,22 @@ def check_range(offset: int, length: int | None) -> None:
         raise ValueError(f"bad range: offset {offset}, length {length}")
 
 
+def blob_ids(refs: Sequence[BlobRef], length: int | None) -> list[int]:
+    """The distinct ids of ``refs`` in first-seen order, for ``read_blobs``; a negative
+    ``length`` is a ``ValueError``."""
+    check_range(0, length)
+    return list(dict.fromkeys(ref.id for ref in refs))
+
+
+def missing_blobs(wanted: Sequence[int], found: Iterable[int]) -> None:
+    """NOT_FOUND, naming them, if some ``wanted`` blob ids were not ``found``."""
+    have = set(found)
+    missing = [i for i in wanted if i not in have]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", …" if len(missing) > 10 else "")
+        raise StorageError(StorageErrorKind.NOT_FOUND, f"blobs {shown} do not exist")
+
+
 def range_end(size: int, offset: int, length: int | None) -> int:
     """Where a read of ``length`` bytes from ``offset`` ends in a blob of ``size`` bytes."""
     return size if length is None else min(size, offset + length)

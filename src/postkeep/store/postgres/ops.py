@@ -753,6 +753,27 @@ async def read_blob(conn: Conn, ref: BlobRef, offset: int = 0, length: int | Non
     return bytes(data)
 
 
+async def read_blobs(
+    conn: Conn, refs: Sequence[BlobRef], length: int | None = None
+) -> dict[int, bytes]:
+    """Each blob's bytes (its first ``length``), by id, in one query: the
+    ``ReadTx.read_blobs`` rules. ``substring`` of an uncompressed (STORAGE EXTERNAL)
+    value fetches only the TOAST chunks of the prefix."""
+    ids = rules.blob_ids(refs, length)
+    if not ids:
+        return {}
+    if length is None:
+        rows = await conn.fetch("SELECT id, data FROM blobs WHERE id = ANY($1::bigint[])", ids)
+    else:
+        rows = await conn.fetch(
+            "SELECT id, substring(data FROM 1 FOR $2) FROM blobs WHERE id = ANY($1::bigint[])",
+            ids, length,
+        )
+    out = {int(r[0]): bytes(r[1]) for r in rows}
+    rules.missing_blobs(ids, out)
+    return out
+
+
 # ---------------------------------------------------------------- outbound
 
 

@@ -190,6 +190,11 @@ class PgReadTx:
     async def read_blob(self, ref: BlobRef, offset: int = 0, length: int | None = None) -> bytes:
         return await self._read(lambda c: ops.read_blob(c, ref, offset, length))
 
+    async def read_blobs(
+        self, refs: Sequence[BlobRef], length: int | None = None
+    ) -> dict[int, bytes]:
+        return await self._read(lambda c: ops.read_blobs(c, refs, length))
+
     async def outbound(self, limit: int = 100) -> list[OutboundRow]:
         return await self._read(lambda c: ops.outbound(c, limit))
 

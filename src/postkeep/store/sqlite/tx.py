@@ -121,6 +121,11 @@ class SqliteReadTx:
             lambda c: ops.read_blob(c, ref, offset, length), changes=False
         )
 
+    async def read_blobs(
+        self, refs: Sequence[BlobRef], length: int | None = None
+    ) -> dict[int, bytes]:
+        return await self._runner.run(lambda c: ops.read_blobs(c, refs, length), changes=False)
+
     async def outbound(self, limit: int = 100) -> list[OutboundRow]:
         return await self._runner.run(lambda c: ops.outbound(c, limit), changes=False)
 
