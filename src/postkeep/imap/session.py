@@ -1224,9 +1224,10 @@ class _SearchSource:
 
     A transaction per batch (not per message, not per search) amortises its cost over
     hundreds of messages without holding a reader, or a snapshot, for the whole of a long
-    search. The blob reads of a batch are issued together on its transaction, which
-    serves them in order (so they queue in the reader instead of each waiting for the
-    event loop). Only the current chunk's blob references and stored analyses are kept.
+    search. A batch's bytes come from one ``read_blobs`` call per stage (header probe,
+    the longer headers, whole messages): one query or reader trip, not one per message;
+    ``search`` bounds a batch by count and octets, which bounds that call's memory. Only
+    the current chunk's blob references and stored analyses are kept.
     """
 
     __slots__ = ("_blobs", "_mailbox_id", "_recent", "_store", "_structures")
@@ -1255,28 +1256,41 @@ class _SearchSource:
         ]
 
     async def headers(self, batch: Sequence[Candidate]) -> Mapping[int, bytes]:
+        refs = {c.uid: self._blobs[c.uid] for c in batch}
         async with self._store.read() as tx:
-
-            async def one(uid: Uid) -> bytes:
-                ref = self._blobs[uid]
-                data = await tx.read_blob(ref, 0, min(ref.size, search.HEADER_PROBE))
-                if not search.header_complete(data, ref.size):  # a long header: the rest
-                    data = await tx.read_blob(ref, 0, min(ref.size, search.HEADER_CAP))
-                return data
-
-            return await _gather_blobs([c.uid for c in batch], one)
+            data = await _read_batch(tx, refs, search.HEADER_PROBE)
+            longer = {  # a long header: the rest of it, up to HEADER_CAP
+                uid: refs[uid]
+                for uid, head in data.items()
+                if not search.header_complete(head, refs[uid].size)
+            }
+            if longer:
+                data.update(await _read_batch(tx, longer, search.HEADER_CAP))
+        return data
 
     async def messages(self, batch: Sequence[Candidate]) -> Mapping[int, Loaded]:
+        refs = {c.uid: self._blobs[c.uid] for c in batch}
         async with self._store.read() as tx:
-
-            async def one(uid: Uid) -> bytes:
-                return await tx.read_blob(self._blobs[uid])
-
-            data = await _gather_blobs([c.uid for c in batch], one)
+            data = await _read_batch(tx, refs, None)
         return {
             uid: Loaded(octets, _stored_analysis(self._structures[uid]))
             for uid, octets in data.items()
         }
+
+
+async def _read_batch(
+    tx: ReadTx, refs: Mapping[Uid, store_api.BlobRef], length: int | None
+) -> dict[Uid, bytes]:
+    """By UID, the first ``length`` octets (all for None) of each message, in one
+    ``read_blobs`` call. When a message's bytes are gone (expunged since its row was read,
+    and freed), the batch is read again one message at a time, leaving that one out."""
+    try:
+        by_id = await tx.read_blobs(list(refs.values()), length)
+    except StorageError as e:
+        if e.kind is not StorageErrorKind.NOT_FOUND:
+            raise
+        return await _gather_blobs(list(refs), lambda uid: tx.read_blob(refs[uid], 0, length))
+    return {uid: by_id[ref.id] for uid, ref in refs.items()}
 
 
 async def _gather_blobs(

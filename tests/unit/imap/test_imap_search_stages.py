@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,11 @@ from postkeep.imap import search
 from postkeep.imap.grammar import Search as SearchCommand
 from postkeep.imap.grammar import SearchKey, parse_command
 from postkeep.imap.search import Candidate, Loaded, evaluate, header_complete, search_mailbox
+from postkeep.imap.session import _SearchSource
 from postkeep.mail import mime
+from postkeep.store.api import BlobRef
+from postkeep.store.sqlite import SqliteStore
+from postkeep.store.sqlite.tx import SqliteReadTx
 
 
 def crlf(text: str) -> bytes:
@@ -308,3 +313,62 @@ def test_a_header_beyond_the_parse_limit_is_cut_the_same() -> None:
     prefix = data[: search.HEADER_CAP]
     assert header_complete(prefix, len(data))
     assert mime.decoded_header(prefix, "subject") == mime.decoded_header(data, "subject")
+
+
+async def test_the_store_source_reads_each_stage_of_a_batch_in_one_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's source over a real store: one ``read_blobs`` per stage (probe, long
+    headers, whole messages); a message expunged (and its bytes freed) after its row was
+    read is left out, and the rest of its batch is still answered."""
+    long_header = crlf("Subject: long\n" + "X-Pad: " + "p" * (search.HEADER_PROBE + 10) + "\n\n")
+    bodies = [PLAIN, long_header + b"tail\r\n", MULTIPART]
+    store = SqliteStore(tmp_path / "db.sqlite3")
+    await store.open()
+    try:
+        async with store.write() as tx:
+            await tx.add_domain("example.com")
+            account = await tx.add_account("bob@example.com", "argon2id$hash")
+            inbox = await tx.mailbox(account.id, "INBOX")
+            assert inbox is not None
+            uids = [await tx.append(inbox.id, await tx.put_blob(b)) for b in bodies]
+        calls: list[tuple[str, int | None]] = []
+        many, one = SqliteReadTx.read_blobs, SqliteReadTx.read_blob
+
+        async def read_blobs(
+            self: SqliteReadTx, refs: Sequence[BlobRef], length: int | None = None
+        ) -> dict[int, bytes]:
+            calls.append(("many", length))
+            return await many(self, refs, length)
+
+        async def read_blob(
+            self: SqliteReadTx, ref: BlobRef, offset: int = 0, length: int | None = None
+        ) -> bytes:
+            calls.append(("one", length))
+            return await one(self, ref, offset, length)
+
+        monkeypatch.setattr(SqliteReadTx, "read_blobs", read_blobs)
+        monkeypatch.setattr(SqliteReadTx, "read_blob", read_blob)
+        source = _SearchSource(store, inbox.id, set())
+        cands = await source.candidates(list(enumerate(uids, 1)))
+        heads = await source.headers(cands)
+        assert calls == [("many", search.HEADER_PROBE), ("many", search.HEADER_CAP)]
+        assert heads == {
+            uids[0]: PLAIN,
+            uids[1]: bodies[1][: search.HEADER_CAP],
+            uids[2]: MULTIPART,
+        }
+        calls.clear()
+        whole = await source.messages(cands)
+        assert calls == [("many", None)]
+        assert {u: w.data for u, w in whole.items()} == dict(zip(uids, bodies, strict=True))
+
+        async with store.write() as tx:
+            await tx.expunge(inbox.id, [uids[1]])
+        calls.clear()
+        assert await source.headers(cands) == {uids[0]: PLAIN, uids[2]: MULTIPART}
+        whole = await source.messages(cands)
+        assert {u: w.data for u, w in whole.items()} == {uids[0]: PLAIN, uids[2]: MULTIPART}
+        assert ("many", None) in calls and ("one", None) in calls  # batch, then one by one
+    finally:
+        await store.close()
