@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -72,12 +73,34 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports: all held open at once, so the kernel cannot repeat one."""
-    socks = [socket.socket() for _ in range(n)]
+def _ephemeral_floor() -> int:
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+#: Ports for test servers come from below the kernel's ephemeral range, so that the local
+#: port of some client's outgoing connection (any test, any process) cannot take a port
+#: between the moment it was found free and the moment the server binds it; and above the
+#: ports ``make run`` uses (10025…10995).
+_PORT_RANGE = (12000, max(12001, min(_ephemeral_floor(), 65536)))
+_ports = random.Random()
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all held open at once, so none is handed out twice."""
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < n:
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", _ports.randrange(*_PORT_RANGE)))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
         return [int(s.getsockname()[1]) for s in socks]
     finally:
         for s in socks:

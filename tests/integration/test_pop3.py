@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import trustme
-from server_harness import PASSWORDS, Instance, wait_for
+from server_harness import PASSWORDS, Instance, free_port, wait_for
 
 from postkeep.pop3 import server as pop3_server
 from postkeep.pop3 import session as pop3_session
@@ -289,10 +289,7 @@ def test_silent_client_on_995_gets_hint_after_5s(server: Instance) -> None:
 def test_plaintext_access_false_keeps_110_closed(
     make_instance: Callable[..., Instance], tls_ctx: ssl.SSLContext
 ) -> None:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    p110 = sock.getsockname()[1]
-    sock.close()
+    p110 = free_port()
     server = make_instance(
         ports={"pop3": p110}, extra="[security]\nplaintext_access = false\n"
     )
