@@ -51,10 +51,11 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias, TypeVar
 
 from postkeep.store.api import Change, StorageError, StorageErrorKind, StoreStats
+from postkeep.store.tasks import Tasks
 
 log = logging.getLogger(__name__)
 
@@ -224,24 +225,12 @@ class Batcher:
         self._waiting = 0  # blocks in _lock.acquire(): the "someone is waiting" test
         self._batch: Batch | None = None
         self._closing = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks(log, "store.postgres.batch_task_failed")
 
     def nested(self) -> bool:
         """Whether the current task runs inside a block's turn of this batcher."""
         return _holding.get() is self
 
-    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
-
-    def _reap(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled():
-            exc = task.exception()
-            if exc is not None and not isinstance(exc, StorageError):
-                log.error("store.postgres.batch_task_failed", exc_info=exc)
 
     async def close(self) -> None:
         """Refuse new blocks; wait for admitted ones and their COMMIT."""
@@ -250,8 +239,7 @@ class Batcher:
             batch, self._batch = self._batch, None
             if batch is not None:  # orphaned by a cancelled waiter, see _rescue
                 await self._finish(batch)
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.wait()
 
     # -- turns
 
@@ -262,7 +250,7 @@ class Batcher:
         if self._closing:
             raise StorageError(StorageErrorKind.TEMP, "the store is closed or closing")
         if alone:
-            start = self._spawn(self._start(alone=True))
+            start = self._tasks.spawn(self._start(alone=True))
             try:
                 batch = await asyncio.shield(start)
             except asyncio.CancelledError:
@@ -285,7 +273,7 @@ class Batcher:
         else:
             # Holding the lock: exactly one _end must follow, so the steps run in a task
             # the caller's cancellation cannot stop.
-            start = self._spawn(self._start())
+            start = self._tasks.spawn(self._start())
             try:
                 batch = await asyncio.shield(start)
             except asyncio.CancelledError:
@@ -326,13 +314,13 @@ class Batcher:
             return  # _start() released the lock
         batch = start.result()
         batch.members += 1
-        self._spawn(self._end(Block(batch), failed=True))
+        self._tasks.spawn(self._end(Block(batch), failed=True))
 
     async def end(self, block: Block, token: contextvars.Token[Batcher | None], *,
                   failed: bool, wait_for: asyncio.Lock, changes: Sequence[Change]) -> None:
         """End a block's turn; unless ``failed``, return once its batch committed."""
         _holding.reset(token)
-        ending = self._spawn(self._end(block, failed=failed, wait_for=wait_for,
+        ending = self._tasks.spawn(self._end(block, failed=failed, wait_for=wait_for,
                                        changes=changes))
         await asyncio.shield(ending)
         if not failed:
@@ -402,7 +390,7 @@ class Batcher:
         """A waiter was cancelled: if it was the one a finished block handed the lock to
         and nobody else is coming, commit the open batch rather than leave it hanging."""
         if self._batch is not None and self._waiting == 0 and not self._lock.locked():
-            self._spawn(self._adopt())
+            self._tasks.spawn(self._adopt())
 
     async def _adopt(self) -> None:
         await self._lock.acquire()

@@ -46,7 +46,7 @@ Invariants:
 - At most one turn holds the lock; only the holder issues statements for the batch, and
   each turn is ended by exactly one ``_end_turn`` — which hands the lock on or finishes the
   batch, and never raises. The protocol steps after the lock is taken run in tasks the
-  caller's cancellation cannot interrupt (``_spawn`` + ``asyncio.shield``).
+  caller's cancellation cannot interrupt (``store/tasks.py`` + ``asyncio.shield``).
 - A turn's changes live in its own SAVEPOINT: a body that raises rolls back only itself.
 - If the shared transaction becomes unusable (SQLite rolled it back on its own after
   SQLITE_FULL/IOERR, or a savepoint could not be undone), the batch is *poisoned*: no
@@ -69,7 +69,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -80,6 +80,7 @@ from postkeep.store.api import Change, StorageError, StorageErrorKind, StoreStat
 from postkeep.store.sqlite.connection import connect, convert
 from postkeep.store.sqlite.migrate import migrate
 from postkeep.store.sqlite.tx import SqliteWriteTx
+from postkeep.store.tasks import Tasks
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ class Writer:
         self._batch: _Batch | None = None
         self._holder: asyncio.Task[Any] | None = None  # the task whose body holds the turn
         self._closing = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = Tasks(log, "store.sqlite.writer_task_failed")
 
     # -- threads
 
@@ -345,22 +346,6 @@ class Writer:
 
         executor.submit(call)
 
-    def _spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        # Strong references until done (the loop keeps only weak ones), and close() waits.
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-        return task
-
-    def _reap(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        # A shielded task whose caller was cancelled has nobody to take its outcome. A
-        # StorageError is the batch's expected failure, already handled; anything else is
-        # a bug worth a log line rather than asyncio's "exception was never retrieved".
-        if not task.cancelled():
-            exc = task.exception()
-            if exc is not None and not isinstance(exc, StorageError):
-                log.error("store.sqlite.writer_task_failed", exc_info=exc)
 
     # -- life cycle
 
@@ -398,8 +383,7 @@ class Writer:
                 # the rescue task is queued behind us: finish the batch here instead.
                 self._batch = None
                 await self._finish_batch(batch)
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.wait()
 
         def do_close(conn: sqlite3.Connection) -> None:
             conn.close()
@@ -445,7 +429,7 @@ class Writer:
             return batch
         # Holding the lock: from here exactly one _end_turn() must follow, whatever happens
         # to the caller, so the steps run in a task the caller's cancellation cannot stop.
-        start = self._spawn(self._start())
+        start = self._tasks.spawn(self._start())
         try:
             return await asyncio.shield(start)
         except asyncio.CancelledError:
@@ -511,7 +495,7 @@ class Writer:
         if batch is None:
             self._lock.release()
             return
-        self._spawn(self._commit_and_release(batch))
+        self._tasks.spawn(self._commit_and_release(batch))
 
     async def _commit_and_release(self, batch: _Batch) -> None:
         try:
@@ -571,7 +555,7 @@ class Writer:
         holder and nobody else is coming: its members would wait for ``done`` forever.
         """
         if self._batch is not None and self._waiting == 0 and not self._lock.locked():
-            self._spawn(self._adopt())
+            self._tasks.spawn(self._adopt())
 
     async def _adopt(self) -> None:
         await self._lock.acquire()
