@@ -250,12 +250,7 @@ class Batcher:
         if self._closing:
             raise StorageError(StorageErrorKind.TEMP, "the store is closed or closing")
         if alone:
-            start = self._tasks.spawn(self._start(alone=True))
-            try:
-                batch = await asyncio.shield(start)
-            except asyncio.CancelledError:
-                start.add_done_callback(self._abandon)
-                raise
+            batch = await self._start_shielded(alone=True)
             batch.members += 1
             self._stats.write_transactions += 1
             return batch, _holding.set(_holding.get())
@@ -273,15 +268,20 @@ class Batcher:
         else:
             # Holding the lock: exactly one _end must follow, so the steps run in a task
             # the caller's cancellation cannot stop.
-            start = self._tasks.spawn(self._start())
-            try:
-                batch = await asyncio.shield(start)
-            except asyncio.CancelledError:
-                start.add_done_callback(self._abandon)
-                raise
+            batch = await self._start_shielded()
         batch.members += 1
         self._stats.write_transactions += 1
         return batch, _holding.set(self)
+
+    async def _start_shielded(self, alone: bool = False) -> Batch:
+        """``_start`` in a task the caller's cancellation cannot stop; if the caller is
+        cancelled, the batch it was starting is abandoned once it has started."""
+        start = self._tasks.spawn(self._start(alone=alone))
+        try:
+            return await asyncio.shield(start)
+        except asyncio.CancelledError:
+            start.add_done_callback(self._abandon)
+            raise
 
     async def _start(self, alone: bool = False) -> Batch:
         try:
