@@ -112,7 +112,7 @@ def migrate_cmd(args: argparse.Namespace) -> int:
         store = make_store(config)
         await store.open()
         try:
-            applied: tuple[int, ...] = getattr(store, "migrated", ())
+            applied = store.migrated
         finally:
             await store.close()
         return applied, _latest(config)

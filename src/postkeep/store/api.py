@@ -510,6 +510,8 @@ class StoreStats:
 class Store(Protocol):
     stats: StoreStats
     changes: ChangeFeed
+    #: The schema migration versions the last ``open()`` applied; ``()`` when it was current.
+    migrated: tuple[int, ...]
 
     async def open(self) -> None:
         """Create or migrate the schema, then get ready to serve."""
