@@ -333,12 +333,7 @@ class Deliverer:
     def _verifying_context(self) -> TlsContext:
         """Chain and name checked (RFC 7817 §3), against the system CAs plus ``ca_file``."""
         if self._verify_ctx is None:
-            ctx = self._tls.client_context("verify", cafile=self._out.ca_file)
-            if self._out.ca_file is not None:
-                # client_context("verify", cafile=...) trusts only that file; ca_file adds
-                # private CAs, it does not replace the public ones.
-                ctx.load_default_certs()
-            self._verify_ctx = ctx
+            self._verify_ctx = self._tls.client_context("verify", cafile=self._out.ca_file)
         return self._verify_ctx
 
     def _context(self, level: str) -> TlsContext:

@@ -394,7 +394,7 @@ class TlsPolicy:
           1.0 or later, forward-secret suites only. Refusing a receiver's old TLS would
           mean delivering in plaintext, so the floor is as low as the server side's.
         - ``"verify"``: certificate and host name checked (RFC 7817 §3; MTA-STS
-          RFC 8461 §4.2), TLS 1.2 or later, system CAs or ``cafile``.
+          RFC 8461 §4.2), TLS 1.2 or later, the system CAs plus those of ``cafile``.
         - ``"probe"``: no verification, every version and suite the local OpenSSL has
           (``@SECLEVEL=0``), so ``postkeep probe`` can *test* what a server accepts; pin a
           version with ``min_version``/``max_version`` and suites with ``ciphers``.
@@ -411,6 +411,10 @@ class TlsPolicy:
 
         if mode == "verify":
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+            if cafile is not None:
+                # create_default_context trusts only ``cafile`` when given one; it adds
+                # private CAs here, it does not replace the public ones.
+                ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
             floor = _MODERN_FLOOR
             suites = MODERN_CIPHERS
         else:

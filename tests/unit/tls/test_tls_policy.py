@@ -503,6 +503,12 @@ def test_verify_mode_checks_the_certificate_and_the_name(policy, pair, echo_serv
         server.connect(policy.client_context("verify", cafile=None), "a.mail.test")
 
 
+def test_verify_mode_cafile_adds_to_the_system_cas(policy, pair):
+    system = ssl.create_default_context().cert_store_stats()["x509"]
+    ctx = policy.client_context("verify", cafile=pair.cert)
+    assert ctx.cert_store_stats()["x509"] == system + 1  # the file's, and every system CA
+
+
 def test_verify_mode_refuses_tls11_servers(policy, pair, echo_server, tls10_possible):
     server = echo_server(lambda: plain_server(pair, "TLSv1.1"))
     ctx = policy.client_context("verify", cafile=pair.cert)
