@@ -5,6 +5,10 @@ policy; this module only reads, writes, upgrades to TLS and keeps time.
 
 Invariants:
 - Replies go out in order; output is flushed when the core needs more data (RFC 2920).
+  The replies to a pipelined group (MAIL, RCPT..., DATA) are written together: one write,
+  one TLS record, one send (RFC 2920 §3.2 asks servers to send the responses to grouped
+  MAIL/RCPT/RSET as a unit). No reply is held while waiting to read, and everything
+  pending is written before the STARTTLS go-ahead and before closing.
 - STARTTLS is the four steps of STYLE.md, in order: stop reading, send 220, drop unread
   plaintext (core and stream), handshake. Nothing read before the handshake is parsed.
 - Only this function catches everything: an unexpected exception becomes a generic
@@ -62,16 +66,25 @@ async def serve(
     in_data = False
     data_deadline = 0.0
     loop = asyncio.get_running_loop()
+    pending: list[bytes] = []  # replies not written yet, in order
+
+    def flush() -> None:
+        data = b"".join(pending)
+        pending.clear()
+        if data:
+            stream.write(data)
+
     try:
         stream.write(core.greet())
         while True:
             try:
                 event = core.next_event()
             except ProtocolError as exc:
-                stream.write(core.send(exc.hint))
+                pending.append(core.send(exc.hint))
                 if on_plaintext_refused is not None and _before_tls(core, exc.hint.code):
                     on_plaintext_refused()
                 if exc.leaked is not None and on_leaked is not None:
+                    flush()
                     await stream.drain()  # the 530 goes out whatever the password was
                     await on_leaked(exc.leaked)
                 if exc.hint.closes:
@@ -79,6 +92,7 @@ async def serve(
                     break
                 continue
             if event is NEED_DATA:
+                flush()  # RFC 2920 §3.2: never wait for input with replies held back
                 await stream.drain()
                 if in_data:
                     timeout = max(0.0, min(idle_timeout, data_deadline - loop.time()))
@@ -107,6 +121,7 @@ async def serve(
                     break
                 case StartTls():
                     assert tls_context is not None, "the core offers STARTTLS only with TLS"
+                    flush()  # earlier replies go before the go-ahead, in plaintext
                     if not await upgrade(stream, go_ahead=core.send(replies.READY_FOR_TLS),
                                          forget=core.start_tls, ctx=tls_context(),
                                          protocol="smtp"):
@@ -126,13 +141,14 @@ async def serve(
                     data_deadline = loop.time() + data_timeout
                 case _:
                     reply = await session.handle(event)
-            stream.write(core.send(reply))
+            pending.append(core.send(reply))
             if reply.closes:
                 break
     except Exception:
         logger.exception("smtp.session.crashed")
         session.abandon()
-        stream.write(replies.TEMP_ERROR.render())
+        pending.append(replies.TEMP_ERROR.render())
+    flush()
     await stream.drain()
 
 
