@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,19 +84,31 @@ def _ephemeral_floor() -> int:
 #: Ports for test servers come from below the kernel's ephemeral range, so that the local
 #: port of some client's outgoing connection (any test, any process) cannot take a port
 #: between the moment it was found free and the moment the server binds it; and above the
-#: ports ``make run`` uses (10025…10995).
+#: ports ``make run`` uses (10025…10995). They are handed out in turn from a random start,
+#: so this process never hands out a port twice before it has gone round the whole range.
 _PORT_RANGE = (12000, max(12001, min(_ephemeral_floor(), 65536)))
-_ports = random.Random()
+_next_port = random.randrange(*_PORT_RANGE)
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free ports: all held open at once, so none is handed out twice."""
+def _take_port() -> int:
+    global _next_port
+    port = _next_port
+    _next_port = _next_port + 1 if _next_port + 1 < _PORT_RANGE[1] else _PORT_RANGE[0]
+    return port
+
+
+def free_ports(n: int, exclude: Collection[int] = ()) -> list[int]:
+    """n distinct free ports, none in ``exclude`` (ports already chosen for the same
+    server): all held open at once while they are found."""
     socks: list[socket.socket] = []
     try:
         while len(socks) < n:
+            port = _take_port()
+            if port in exclude:
+                continue
             s = socket.socket()
             try:
-                s.bind(("127.0.0.1", _ports.randrange(*_PORT_RANGE)))
+                s.bind(("127.0.0.1", port))
             except OSError:
                 s.close()
                 continue
@@ -118,7 +130,7 @@ def write_config(
     tls_extra: str = "",
 ) -> Path:
     ports = ports or {}
-    fresh = iter(free_ports(len(services)))
+    fresh = iter(free_ports(len(services), exclude=set(ports.values())))
     listeners = "\n".join(
         f'{s} = "127.0.0.1:{ports.get(s) or next(fresh)}"' for s in services
     )
