@@ -31,7 +31,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from postkeep.cli.common import CliError, config_from
-from postkeep.config.load import load_config
+from postkeep.config.load import DSN_SCHEMES, load_config
 from postkeep.config.schema import Config
 from postkeep.store import make_store
 from postkeep.store.api import StorageError
@@ -42,8 +42,6 @@ from postkeep.store.copy import (
     SilentProgress,
     copy_installation,
 )
-
-_DSN_SCHEMES = ("postgresql://", "postgres://")
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -189,7 +187,7 @@ class _Lines(SilentProgress):
 
 
 def copy_cmd(args: argparse.Namespace) -> int:
-    if not args.target.startswith(_DSN_SCHEMES):
+    if not args.target.startswith(DSN_SCHEMES):
         raise CliError("--to must be a URL starting with postgresql://", code=2)
     from postkeep.cli.main import find_config
 

@@ -76,7 +76,8 @@ PROXY_SECTION = "proxy_protocol"
 RELAY_SECURITY = ("tls", "starttls")
 #: RFC 5321 §4.5.3.1.4: a server must accept command lines of 512 octets.
 MIN_LINE_LENGTH = 512
-_DSN_SCHEMES = ("postgresql://", "postgres://")
+#: The URL schemes a PostgreSQL DSN may start with ([storage] dsn, db copy --to).
+DSN_SCHEMES = ("postgresql://", "postgres://")
 # RFC 1123 §2.1 host name labels; A-labels only (RFC 5890), so IDNs are written xn--…
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE)
 
@@ -542,7 +543,7 @@ def _load_storage(file: Path, doc: Mapping[str, Any]) -> StorageConfig:
             raise reader.error(
                 "dsn", 'backend = "postgresql" needs a dsn ("postgresql://user@host/db")'
             )
-        if not storage.dsn.startswith(_DSN_SCHEMES):
+        if not storage.dsn.startswith(DSN_SCHEMES):
             # The DSN may contain a password: describe it, never echo it.
             raise reader.error("dsn", 'must be a URL starting with "postgresql://"')
         if storage.pool_max < storage.pool_min:
