@@ -42,7 +42,7 @@ from postkeep.store.api import (
 from postkeep.store.copy import CopyRefused, Directory, DirectoryResult, QueueItem
 from postkeep.store.postgres.ops import free_blobs
 from postkeep.store.postgres.store import SERVER_SETTINGS, PostgresStore, convert
-from postkeep.store.rules import from_us, now_us, to_us
+from postkeep.store.rules import flags_text, from_us, internal_date, now_us, to_us
 
 #: An ``asyncpg.Connection`` (asyncpg ships no type information).
 Conn: TypeAlias = Any
@@ -53,15 +53,6 @@ _ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.Timeo
 _COPY_LOCK = 0x706B636F7079
 #: Names a client cannot create (the control character), used while renaming mailboxes.
 _PARKED = "E'\\x01copy ' || id"
-
-
-def _flags_text(flags: frozenset[str]) -> str:
-    return " ".join(sorted(flags))
-
-
-def _tz_minutes(when: datetime) -> int:
-    offset = when.utcoffset()
-    return 0 if offset is None else int(offset.total_seconds() // 60)
 
 
 class PgImporter:
@@ -376,7 +367,7 @@ class PgImporter:
                     " FROM unnest($2::bigint[], $3::bigint[], $4::text[]) AS f(uid, modseq, flags)"
                     " WHERE m.mailbox_id = $1 AND m.uid = f.uid",
                     mailbox_id, [u for u, _, _ in flags], [m for _, m, _ in flags],
-                    [_flags_text(f) for _, _, f in flags],
+                    [flags_text(f) for _, _, f in flags],
                 )
 
         await self._run(op)
@@ -431,8 +422,8 @@ class PgImporter:
                 "INSERT INTO messages (mailbox_id, uid, modseq, flags, internal_date,"
                 " internal_tz, size, blob_id, envelope, bodystructure)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                [(mailbox_id, r.uid, r.modseq, _flags_text(r.flags), to_us(r.internal_date),
-                  _tz_minutes(r.internal_date), r.size, ids[r.blob.id], r.envelope,
+                [(mailbox_id, r.uid, r.modseq, flags_text(r.flags),
+                  *internal_date(r.internal_date), r.size, ids[r.blob.id], r.envelope,
                   r.bodystructure) for r in rows],
             )
             return written
