@@ -54,6 +54,7 @@ from postkeep.store.api import (
     Store,
     Uid,
 )
+from postkeep.store.rules import flags_text
 
 #: Messages per target transaction unless the caller says otherwise.
 DEFAULT_BATCH = 200
@@ -327,7 +328,7 @@ async def _plan_mailbox(
             missing.append(r)
             continue
         report.messages_kept += 1
-        if known != (r.modseq, " ".join(sorted(r.flags))):
+        if known != (r.modseq, flags_text(r.flags)):
             reflag.append((r.uid, r.modseq, r.flags))
     if remove or reflag:
         await target.apply_changes(target_id, remove, reflag)
@@ -343,6 +344,12 @@ async def _read_blobs(
     got: dict[int, bytes] = {}
     gone: set[int] = set()
     async with source.read() as tx:
+        try:
+            return await tx.read_blobs([BlobRef(i, size) for i, size in refs.items()]), gone
+        except StorageError as e:
+            if e.kind is not StorageErrorKind.NOT_FOUND:
+                raise
+        # Some were freed since the rows were read (expunged meanwhile): one at a time.
         for blob_id, size in refs.items():
             try:
                 got[blob_id] = await tx.read_blob(BlobRef(blob_id, size))
